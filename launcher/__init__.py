@@ -1,0 +1,1 @@
+"""The ``decentlam`` command line: topology inspection, manifests, simulation and clusters."""

@@ -1,0 +1,1 @@
+"""Subcommands of the ``decentlam`` CLI, one module each."""

@@ -1,0 +1,1 @@
+"""The peer process: gRPC exchange engine, optimizers, training loop, metrics, checkpoints."""

@@ -1,0 +1,1 @@
+"""Pure topology code: graphs, mixing weights, spectral gap, manifest schema and validation."""
