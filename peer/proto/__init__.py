@@ -1,0 +1,1 @@
+"""Generated gRPC stubs (see scripts/generate_protos.py); do not edit."""
