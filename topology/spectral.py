@@ -18,8 +18,9 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-# Rates below this are rounding noise of an exact average (e.g. the fully connected graph);
-# they are reported as 0 so that displays and comparisons are clean.
+# Rates within this of 0 or 1 are rounding noise (an exact average such as the fully connected
+# graph, or a matrix that does not mix at all); they are snapped to exactly 0 or 1 so that
+# displays and comparisons are clean.
 NOISE_FLOOR = 1e-12
 
 
@@ -36,7 +37,9 @@ def _as_square(W: np.ndarray) -> np.ndarray:
 
 def _norm_to_average(M: np.ndarray) -> float:
     rho = float(np.linalg.norm(M - _averaging(M.shape[0]), 2))
-    return 0.0 if rho < NOISE_FLOOR else rho
+    if rho < NOISE_FLOOR:
+        return 0.0
+    return 1.0 if abs(rho - 1.0) < NOISE_FLOOR else rho
 
 
 def consensus_rate(W: np.ndarray) -> float:
