@@ -1,0 +1,314 @@
+"""Pure update rules of every decentralized method (ALGORITHMS.md), split around communication.
+
+One implementation of each rule, two drivers: the in-process :mod:`peer.simulator` (all ``n``
+peers stacked as an ``[n, d]`` tensor, ``mixed = W @ outgoing``) and the torch optimizers of
+:mod:`peer.optim` (one peer, one flat ``[d]`` bucket at a time, ``mixed`` from a
+:class:`peer.comm.Communicator`). Each iteration ``k`` is two phases:
+
+1. ``msg = rule.outgoing(x, g, state, lr, k)``: the vector this peer communicates. Pure: it
+   never modifies ``x`` or ``state``.
+2. ``rule.apply(x, g, state, lr, mixed, k)``: given ``mixed`` -- the partial average
+   ``sum_j w_ij msg_j`` (or, for ``communication == "global"`` rules and for periodic
+   global-averaging steps, the exact average ``(1/n) sum_j msg_j``) -- update ``x`` and
+   ``state`` in place.
+
+Between the two phases the driver is free to overlap the exchange with other work. Every rule
+is elementwise, so the same code runs on a ``[d]`` slice and on an ``[n, d]`` stack. Weight
+decay is folded into ``g`` by the driver (``g = grad + wd * x``) before both phases, and a
+learning-rate schedule is the driver's business too: it passes the current ``lr = gamma_k``.
+
+Periodic global averaging (option ``H``): at iteration ``k`` with ``(k + 1) % H == 0`` the driver
+replaces the partial average by the global average of the same outgoing vectors (so with
+``H = 1`` every decentralized method becomes its centralized counterpart).
+:func:`uses_global_average` implements that convention for both drivers.
+
+This module imports only torch and does no I/O.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+from typing import ClassVar
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+Tensor = torch.Tensor
+State = dict[str, Tensor]
+
+DEFAULT_MOMENTUM = 0.9
+
+
+def _require_positive(lr: float, name: str) -> None:
+    # DecentLaM and QG-DmSGD divide by gamma_k: a schedule that reaches 0 would give inf/nan.
+    if not lr > 0.0:
+        raise ValueError(f"{name} needs a positive learning rate, got {lr}")
+
+
+class UpdateRule(abc.ABC):
+    """One decentralized method's iteration, split into ``outgoing`` and ``apply``.
+
+    Attributes:
+        name: registry name (see :data:`ALGORITHMS`).
+        communication: ``"partial"`` (neighbour averaging) or ``"global"`` (all-reduce).
+        state_names: names of the per-parameter state buffers (all zero-initialised).
+    """
+
+    name: ClassVar[str]
+    communication: ClassVar[str] = "partial"
+    state_names: ClassVar[tuple[str, ...]] = ()
+
+    def init_state(self, x: torch.Tensor) -> State:
+        """Fresh state buffers for parameters shaped like ``x``.
+
+        Args:
+            x: the parameters (a flat ``[d]`` buffer or an ``[n, d]`` stack).
+
+        Returns:
+            ``{name: zeros_like(x)}`` for every name in :attr:`state_names`.
+        """
+        return {name: torch.zeros_like(x) for name in self.state_names}
+
+    @abc.abstractmethod
+    def outgoing(
+        self, x: torch.Tensor, g: torch.Tensor, state: State, lr: float, step: int
+    ) -> torch.Tensor:
+        """The vector to communicate at iteration ``step`` (a new tensor; inputs untouched).
+
+        Args:
+            x: current parameters ``x^k``.
+            g: stochastic gradient ``g^k`` (weight decay already included).
+            state: this rule's state buffers (read only here).
+            lr: the current learning rate ``gamma_k``.
+            step: the iteration ``k``.
+
+        Returns:
+            The message whose (partial or global) average is passed to :meth:`apply`.
+        """
+
+    @abc.abstractmethod
+    def apply(
+        self,
+        x: torch.Tensor,
+        g: torch.Tensor,
+        state: State,
+        lr: float,
+        mixed: torch.Tensor,
+        step: int,
+    ) -> None:
+        """Update ``x`` and ``state`` in place, given the averaged messages.
+
+        Args:
+            x: current parameters ``x^k``; becomes ``x^{k+1}``.
+            g: the same gradient that was given to :meth:`outgoing`.
+            state: this rule's state buffers, updated in place.
+            lr: the same learning rate that was given to :meth:`outgoing`.
+            mixed: the average of the outgoing vectors (partial or global).
+            step: the iteration ``k``.
+        """
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class _MomentumRule(UpdateRule):
+    """A rule with one momentum buffer and its coefficient ``beta``."""
+
+    state_names: ClassVar[tuple[str, ...]] = ("momentum",)
+
+    def __init__(self, momentum: float = DEFAULT_MOMENTUM) -> None:
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        self.momentum = float(momentum)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(momentum={self.momentum})"
+
+
+class DSGDRule(UpdateRule):
+    """D-PSGD, adapt-then-combine: ``x_i <- sum_j w_ij (x_j - gamma g_j)``."""
+
+    name = "dsgd"
+
+    def __init__(self, momentum: float = 0.0) -> None:
+        # DSGD has no momentum; the argument exists so that make_rule can pass it uniformly.
+        del momentum
+
+    def outgoing(self, x: Tensor, g: Tensor, state: State, lr: float, step: int) -> Tensor:
+        return x - lr * g
+
+    def apply(
+        self, x: Tensor, g: Tensor, state: State, lr: float, mixed: Tensor, step: int
+    ) -> None:
+        x.copy_(mixed)
+
+
+class DGDRule(UpdateRule):
+    """DGD (Nedic-Ozdaglar): ``x_i <- sum_j w_ij x_j - gamma g_i``."""
+
+    name = "dgd"
+
+    def __init__(self, momentum: float = 0.0) -> None:
+        del momentum
+
+    def outgoing(self, x: Tensor, g: Tensor, state: State, lr: float, step: int) -> Tensor:
+        return x.clone()
+
+    def apply(
+        self, x: Tensor, g: Tensor, state: State, lr: float, mixed: Tensor, step: int
+    ) -> None:
+        x.copy_(mixed - lr * g)
+
+
+class DmSGDRule(_MomentumRule):
+    """DmSGD (Algorithm 1): ``m_i <- beta m_i + g_i``; ``x_i <- sum_j w_ij (x_j - gamma m_j)``."""
+
+    name = "dmsgd"
+
+    def outgoing(self, x: Tensor, g: Tensor, state: State, lr: float, step: int) -> Tensor:
+        return x - lr * (self.momentum * state["momentum"] + g)
+
+    def apply(
+        self, x: Tensor, g: Tensor, state: State, lr: float, mixed: Tensor, step: int
+    ) -> None:
+        state["momentum"].mul_(self.momentum).add_(g)
+        x.copy_(mixed)
+
+
+class DecentLaMRule(_MomentumRule):
+    """DecentLaM (Algorithm 2).
+
+    ``psi_j = x_j - gamma g_j`` is sent; ``gt_i = (x_i - sum_j w_ij psi_j) / gamma``;
+    ``m_i <- beta m_i + gt_i``; ``x_i <- x_i - gamma m_i`` -- with the current ``gamma_k``
+    everywhere.
+    """
+
+    name = "decentlam"
+
+    def outgoing(self, x: Tensor, g: Tensor, state: State, lr: float, step: int) -> Tensor:
+        return x - lr * g
+
+    def apply(
+        self, x: Tensor, g: Tensor, state: State, lr: float, mixed: Tensor, step: int
+    ) -> None:
+        _require_positive(lr, self.name)
+        corrected_gradient = (x - mixed) / lr
+        momentum = state["momentum"]
+        momentum.mul_(self.momentum).add_(corrected_gradient)
+        x.sub_(lr * momentum)
+
+
+class AWCDmSGDRule(_MomentumRule):
+    """Adapt-while-combine DmSGD: ``m_i <- beta m_i + g_i``; ``x_i <- sum_j w_ij x_j - gamma m_i``.
+
+    The message is ``x`` itself, so its exchange can overlap the gradient computation.
+    """
+
+    name = "awc-dmsgd"
+
+    def outgoing(self, x: Tensor, g: Tensor, state: State, lr: float, step: int) -> Tensor:
+        return x.clone()
+
+    def apply(
+        self, x: Tensor, g: Tensor, state: State, lr: float, mixed: Tensor, step: int
+    ) -> None:
+        momentum = state["momentum"]
+        momentum.mul_(self.momentum).add_(g)
+        x.copy_(mixed - lr * momentum)
+
+
+class QGDmSGDRule(_MomentumRule):
+    """Quasi-global momentum (Lin et al. 2021), with ``mu`` the momentum coefficient.
+
+    ``m = mu mh + g``; send ``x - gamma m``; ``x_new = sum_j w_ij (x_j - gamma m_j)``;
+    ``mh <- mu mh + (1 - mu) (x - x_new) / gamma``; ``x <- x_new``. The state buffer
+    ``"momentum"`` holds ``mh``.
+    """
+
+    name = "qg-dmsgd"
+
+    def outgoing(self, x: Tensor, g: Tensor, state: State, lr: float, step: int) -> Tensor:
+        return x - lr * (self.momentum * state["momentum"] + g)
+
+    def apply(
+        self, x: Tensor, g: Tensor, state: State, lr: float, mixed: Tensor, step: int
+    ) -> None:
+        quasi_global = state["momentum"]
+        _require_positive(lr, self.name)
+        displacement = (x - mixed) / lr  # uses x^k, before it is overwritten
+        quasi_global.mul_(self.momentum).add_(displacement, alpha=1.0 - self.momentum)
+        x.copy_(mixed)
+
+
+class PmSGDRule(_MomentumRule):
+    """Parallel momentum SGD: ``g = (1/n) sum_j g_j``; ``m_i <- beta m_i + g``; ``x -= gamma m``."""
+
+    name = "pmsgd"
+    communication: ClassVar[str] = "global"
+
+    def outgoing(self, x: Tensor, g: Tensor, state: State, lr: float, step: int) -> Tensor:
+        return g.clone()
+
+    def apply(
+        self, x: Tensor, g: Tensor, state: State, lr: float, mixed: Tensor, step: int
+    ) -> None:
+        momentum = state["momentum"]
+        momentum.mul_(self.momentum).add_(mixed)
+        x.sub_(lr * momentum)
+
+
+_RULES: dict[str, type[UpdateRule]] = {
+    rule.name: rule
+    for rule in (
+        DecentLaMRule,
+        DmSGDRule,
+        DSGDRule,
+        PmSGDRule,
+        AWCDmSGDRule,
+        QGDmSGDRule,
+        DGDRule,
+    )
+}
+
+#: Registry names of every method, in display order.
+ALGORITHMS: tuple[str, ...] = tuple(_RULES)
+
+
+def make_rule(name: str, momentum: float = DEFAULT_MOMENTUM) -> UpdateRule:
+    """Build a method's update rule from its registry name.
+
+    Args:
+        name: one of :data:`ALGORITHMS` (case-insensitive; ``_`` accepted for ``-``).
+        momentum: ``beta`` (``mu`` for QG-DmSGD); ignored by DSGD and DGD.
+
+    Returns:
+        The :class:`UpdateRule`.
+
+    Raises:
+        ValueError: unknown name or momentum outside ``[0, 1)``.
+    """
+    key = name.strip().lower().replace("_", "-")
+    if key not in _RULES:
+        raise ValueError(f"unknown algorithm {name!r}; choose one of: {', '.join(ALGORITHMS)}")
+    return _RULES[key](momentum=momentum)
+
+
+def uses_global_average(rule: UpdateRule, step: int, global_average_every: int = 0) -> bool:
+    """Whether iteration ``step`` mixes with the exact global average instead of ``W``.
+
+    Args:
+        rule: the update rule (``communication == "global"`` rules always do).
+        step: the iteration ``k`` (0-based).
+        global_average_every: ``H``; ``0`` disables periodic global averaging. Iteration ``k``
+            averages globally when ``(k + 1) % H == 0``, i.e. after every ``H`` iterations.
+
+    Returns:
+        True for a global-average iteration.
+    """
+    if global_average_every < 0:
+        raise ValueError(f"global_average_every must be >= 0, got {global_average_every}")
+    if rule.communication == "global":
+        return True
+    return global_average_every > 0 and (step + 1) % global_average_every == 0
