@@ -1,0 +1,239 @@
+"""``decentlam launch``: a local cluster of real peer processes training together over gRPC.
+
+Writes a loopback manifest with free ports (or uses ``--manifest``), spawns one ``decentlam
+peer`` process per rank, shows one live progress line (step, loss, accuracy, exchange latency
+p50) read from the peers' metrics endpoints, forwards Ctrl-C as a graceful stop, and writes
+``OUT/summary.json``. If a peer dies, the others are stopped and its log tail is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from launcher.cluster import LocalCluster, PeerProgress, free_ports
+from launcher.errors import UsageError
+
+logger = logging.getLogger(__name__)
+
+POLL_SECONDS = 0.5
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``launch`` subcommand."""
+    parser = subparsers.add_parser(
+        "launch",
+        help="run a local cluster of peer processes",
+        description="Start N real peers on this machine (loopback gRPC) and train.",
+    )
+    parser.add_argument("--nodes", type=int, default=4, help="number of peers (default 4)")
+    parser.add_argument("--graph", default="exponential", help="topology (default exponential)")
+    parser.add_argument("--weights", default="auto", help="weights scheme (default auto)")
+    parser.add_argument("--algorithm", default="decentlam", help="optimizer (default decentlam)")
+    parser.add_argument("--task", default="digits", help="task (default digits)")
+    parser.add_argument(
+        "--task-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="task option, repeatable (e.g. model=cnn, alpha=0.3)",
+    )
+    parser.add_argument("--steps", type=int, default=300, help="iterations (default 300)")
+    parser.add_argument("--batch-size", type=int, default=32, help="per-peer batch size")
+    parser.add_argument("--lr", type=float, default=0.1, help="learning rate (default 0.1)")
+    parser.add_argument("--momentum", type=float, default=0.9, help="momentum (default 0.9)")
+    parser.add_argument("--weight-decay", type=float, default=0.0, help="weight decay")
+    parser.add_argument("--max-staleness", type=int, default=0, help="async bound T (default 0)")
+    parser.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps")
+    parser.add_argument("--checkpoint-every", type=int, default=0, help="checkpoint every N")
+    parser.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    parser.add_argument("--out", type=Path, default=Path("runs/latest"), help="output dir")
+    parser.add_argument("--manifest", type=Path, help="use this manifest instead of writing one")
+    parser.add_argument("--blocking", action="store_true", help="turn overlap off")
+    parser.add_argument("--resume", action="store_true", help="continue from checkpoints")
+    parser.add_argument("--timeout", type=float, default=3600.0, help="give up after N seconds")
+    parser.add_argument("--quiet", action="store_true", help="no progress line")
+    parser.set_defaults(func=run)
+
+
+def _parse_option(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise UsageError(f"--task-option {text!r} is not KEY=VALUE")
+    import yaml
+
+    return key.strip(), yaml.safe_load(value)
+
+
+def write_loopback_manifest(args: argparse.Namespace, path: Path) -> Path:
+    """Write a loopback manifest with free ports from the launch flags."""
+    from topology.manifest import dump_manifest, init_manifest
+
+    if args.nodes < 1:
+        raise UsageError(f"--nodes must be >= 1, got {args.nodes}")
+    options = dict(_parse_option(o) for o in args.task_option)
+    manifest = init_manifest(
+        args.nodes,
+        args.graph,
+        weights=args.weights,
+        algorithm=args.algorithm,
+        task=args.task,
+        task_options=options,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        momentum=args.momentum,
+        weight_decay=args.weight_decay,
+        max_staleness=args.max_staleness,
+        eval_every=args.eval_every,
+        checkpoint_every=args.checkpoint_every,
+        seed=args.seed,
+    )
+    ports = free_ports(2 * args.nodes)
+    peers = tuple(
+        dataclasses.replace(p, port=ports[2 * i], metrics_port=ports[2 * i + 1])
+        for i, p in enumerate(manifest.peers)
+    )
+    manifest = dataclasses.replace(manifest, peers=peers)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(dump_manifest(manifest))
+    return path
+
+
+def _format_progress(progress: dict[int, PeerProgress], steps: int, world: int) -> str:
+    def mean(values: list[float]) -> float:
+        finite = [v for v in values if not math.isnan(v)]
+        return sum(finite) / len(finite) if finite else math.nan
+
+    step = min((p.step for p in progress.values() if not math.isnan(p.step)), default=0)
+    loss = mean([p.loss for p in progress.values()])
+    acc = mean([p.accuracy for p in progress.values()])
+    p50 = mean([p.latency_p50_seconds for p in progress.values()])
+    width = 24
+    done = int(width * min(1.0, step / max(1, steps)))
+    bar = "#" * done + "-" * (width - done)
+    parts = [f"[{bar}] step {int(step)}/{steps}", f"loss {loss:.4f}"]
+    if not math.isnan(acc):
+        parts.append(f"acc {acc:.3f}")
+    if not math.isnan(p50):
+        parts.append(f"exchange p50 {p50 * 1e3:.1f} ms")
+    parts.append(f"{sum(p.reachable for p in progress.values())}/{world} peers up")
+    return " | ".join(parts)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the cluster to completion; returns the exit status."""
+    from peer.trainer import summarize
+    from topology.manifest import load_manifest
+
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    if args.manifest is not None:
+        if not args.manifest.exists():
+            raise UsageError(f"manifest {args.manifest} does not exist")
+        manifest_path = args.manifest.resolve()
+    else:
+        manifest_path = write_loopback_manifest(args, out / "manifest.yaml").resolve()
+    manifest = load_manifest(manifest_path)
+    peer_args: list[str] = []
+    if args.blocking:
+        peer_args.append("--blocking")
+    if args.resume:
+        peer_args.append("--resume")
+    if args.max_staleness and args.manifest is not None:
+        peer_args += ["--max-staleness", str(args.max_staleness)]
+    if manifest.training.algorithm == "pmsgd":
+        host = manifest.peers[0].address.rsplit(":", 1)[0]
+        peer_args += ["--dist-init-method", f"tcp://{host}:{free_ports(1)[0]}"]
+    cluster = LocalCluster(manifest_path, out.resolve(), peer_args)
+    print(
+        f"decentlam: {manifest.world_size} peers, {manifest.topology.graph} graph, "
+        f"{manifest.training.algorithm}, task {manifest.training.task}; output in {out}"
+    )
+    cluster.start()
+    for peer in cluster.peers:
+        if peer.metrics_url:
+            print(f"  peer {peer.rank}: metrics {peer.metrics_url}  log {peer.log_path}")
+    status = _watch(cluster, manifest.training.steps, args)
+    results = cluster.results()
+    if results:
+        summary = summarize(results)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+        _print_summary(summary, out)
+    return status
+
+
+def _watch(cluster: LocalCluster, steps: int, args: argparse.Namespace) -> int:
+    deadline = time.monotonic() + args.timeout
+    interactive = sys.stdout.isatty() and not args.quiet
+    last_print = 0.0
+    try:
+        while cluster.running():
+            failed = cluster.failed()
+            if failed is not None:
+                cluster.stop()
+                code = failed.process.returncode
+                print(
+                    f"\ndecentlam: peer {failed.rank} exited with status {code}; "
+                    f"last lines of {failed.log_path}:",
+                    file=sys.stderr,
+                )
+                print(cluster.log_tail(failed.rank), file=sys.stderr)
+                return 1
+            if time.monotonic() > deadline:
+                cluster.stop()
+                print(f"\ndecentlam: timed out after {args.timeout} s", file=sys.stderr)
+                return 1
+            now = time.monotonic()
+            if not args.quiet and (interactive or now - last_print > 10):
+                line = _format_progress(cluster.progress(), steps, len(cluster.peers))
+                print(
+                    ("\r" + line) if interactive else line,
+                    end="" if interactive else "\n",
+                    flush=True,
+                )
+                last_print = now
+            time.sleep(POLL_SECONDS)
+    except KeyboardInterrupt:
+        print("\ndecentlam: stopping peers (checkpointing)...", file=sys.stderr)
+        cluster.signal_all(signal.SIGTERM)
+        cluster.wait(60.0)
+        cluster.stop(grace_seconds=5.0)
+        return 130
+    if interactive:
+        print()
+    failed = cluster.failed()
+    if failed is not None:
+        print(
+            f"decentlam: peer {failed.rank} exited with status {failed.process.returncode}; "
+            f"last lines of {failed.log_path}:",
+            file=sys.stderr,
+        )
+        print(cluster.log_tail(failed.rank), file=sys.stderr)
+        return 1
+    return 0
+
+
+def _print_summary(summary: dict[str, Any], out: Path) -> None:
+    print(
+        f"{'rank':>4} {'steps':>6} {'loss':>8} {'accuracy':>9} {'iter ms':>8} "
+        f"{'blocked ms':>10} {'consensus':>10}"
+    )
+    for rank, r in summary["peers"].items():
+        acc = r["eval"].get("accuracy", math.nan)
+        print(
+            f"{rank:>4} {r['steps']:>6} {r['final_loss']:>8.4f} {acc:>9.4f} "
+            f"{r['mean_iteration_seconds'] * 1e3:>8.2f} {r['mean_blocked_seconds'] * 1e3:>10.2f} "
+            f"{r['consensus_distance']:>10.3g}"
+        )
+    if summary.get("mean_accuracy") is not None:
+        print(f"mean test accuracy: {summary['mean_accuracy']:.4f}")
+    print(f"summary: {out / 'summary.json'}")

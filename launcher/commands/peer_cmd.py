@@ -1,0 +1,91 @@
+"""``decentlam peer``: run one peer process from a manifest (what every container runs)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+from launcher.errors import UsageError
+
+logger = logging.getLogger(__name__)
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    if value in (None, ""):
+        return None
+    try:
+        return int(value)
+    except ValueError as exc:
+        raise UsageError(f"environment variable {name}={value!r} is not an integer") from exc
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``peer`` subcommand."""
+    parser = subparsers.add_parser(
+        "peer",
+        help="run one peer of a manifest",
+        description="Run one peer: serve its parameters over gRPC, train with the manifest's "
+        "algorithm, export Prometheus metrics. Environment overrides: DECENTLAM_MANIFEST, "
+        "DECENTLAM_RANK, DECENTLAM_OUT, DECENTLAM_BIND.",
+    )
+    parser.add_argument("--manifest", type=Path, help="manifest YAML (env DECENTLAM_MANIFEST)")
+    parser.add_argument("--rank", type=int, help="this peer's rank (env DECENTLAM_RANK)")
+    parser.add_argument("--host", help="find this peer's entry by host (with --port)")
+    parser.add_argument("--port", type=int, help="find this peer's entry by port (with --host)")
+    parser.add_argument("--out", type=Path, help="output directory (env DECENTLAM_OUT)")
+    parser.add_argument("--resume", action="store_true", help="continue from the checkpoint")
+    parser.add_argument(
+        "--blocking", action="store_true", help="no overlap of exchanges with backward"
+    )
+    parser.add_argument("--max-staleness", type=int, help="override the manifest's bound")
+    parser.add_argument("--bind", help="gRPC bind address (default: manifest host:port)")
+    parser.add_argument("--dist-init-method", help="torch.distributed rendezvous for pmsgd")
+    parser.add_argument(
+        "--linger-seconds",
+        type=float,
+        default=60.0,
+        help="after the last step, serve slower neighbours for at most this long",
+    )
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the peer; exit 0 on success or a clean stop."""
+    from peer.node import PeerOptions, PeerSetupError, run_peer
+
+    manifest = args.manifest or os.environ.get("DECENTLAM_MANIFEST")
+    if not manifest:
+        raise UsageError("--manifest is required (or set DECENTLAM_MANIFEST)")
+    if not Path(manifest).exists():
+        raise UsageError(f"manifest {manifest} does not exist")
+    rank = args.rank if args.rank is not None else _env_int("DECENTLAM_RANK")
+    if rank is None and (args.host is None or args.port is None):
+        raise UsageError("give --rank (or DECENTLAM_RANK), or --host and --port")
+    if args.max_staleness is not None and args.max_staleness < 0:
+        raise UsageError(f"--max-staleness must be >= 0, got {args.max_staleness}")
+    out = args.out or Path(os.environ.get("DECENTLAM_OUT", "decentlam-out"))
+    options = PeerOptions(
+        manifest=Path(manifest),
+        rank=rank,
+        host=args.host,
+        port=args.port,
+        out_dir=out,
+        resume=args.resume,
+        blocking=args.blocking,
+        max_staleness=args.max_staleness,
+        bind=args.bind,
+        dist_init_method=args.dist_init_method,
+        linger_seconds=args.linger_seconds,
+    )
+    try:
+        result = run_peer(options)
+    except PeerSetupError as exc:
+        raise UsageError(str(exc)) from exc
+    logger.info(
+        "peer %d finished at step %d (loss %.4g, eval %s)",
+        result.rank, result.steps, result.final_loss, result.eval,
+    )  # fmt: skip
+    return 0
