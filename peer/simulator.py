@@ -1,0 +1,234 @@
+"""In-process simulator: ``n`` peers stacked as an ``[n, d]`` tensor, one matrix product per mix.
+
+The simulator is the second driver of the update rules of :mod:`peer.algorithms` (the torch
+optimizers of :mod:`peer.optim` are the first). Every iteration ``k``::
+
+    G   = problem.stacked_gradient(X) + weight_decay * X
+    out = rule.outgoing(X, G, state, gamma_k, k)
+    mixed = W(k) @ out            # or the global average, see peer.algorithms
+    rule.apply(X, G, state, gamma_k, mixed, k)
+
+with no Python loop over nodes. ``W`` is either a plain ``[n, n]`` array/tensor (static) or any
+object with ``mixing_matrix(k)`` (``topology.Topology`` or a test double). Along the way it
+records the error ``sum_i ||x_i - x*||^2`` (when ``x*`` is known), the consensus distance
+``(1/n) sum_i ||x_i - xbar||^2`` and the global loss at the averaged model.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from peer.algorithms import UpdateRule, make_rule, uses_global_average
+from peer.schedules import ConstantSchedule, Schedule
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SimulationResult:
+    """What one simulated run recorded.
+
+    Attributes:
+        algorithm: the rule's registry name.
+        steps: iterations at which the curves were recorded (``0`` = before the first step;
+            ``k`` = after ``k`` iterations).
+        error: ``sum_i ||x_i - x*||^2`` at each recorded step (empty when ``x*`` is unknown).
+        consensus: ``(1/n) sum_i ||x_i - xbar||^2`` at each recorded step.
+        loss: global loss of the averaged model at each recorded step.
+        metrics: the problem's final metrics (e.g. test accuracy).
+        params: final stacked parameters ``[n, d]``.
+        diverged: the run stopped early on a non-finite value.
+    """
+
+    algorithm: str
+    steps: list[int] = field(default_factory=list)
+    error: list[float] = field(default_factory=list)
+    consensus: list[float] = field(default_factory=list)
+    loss: list[float] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
+    params: torch.Tensor | None = None
+    diverged: bool = False
+
+    @property
+    def final_error(self) -> float | None:
+        """The last recorded error (``None`` when ``x*`` is unknown)."""
+        return self.error[-1] if self.error else None
+
+    def iterations_to_floor(self, factor: float = 1.1, resolution: float = 1e-12) -> int | None:
+        """First recorded iteration from which the error stays within ``factor`` x its floor.
+
+        Args:
+            factor: tolerance above the floor (the final error).
+            resolution: errors below ``resolution * error[0]`` count as reached, so that a
+                method converging to ``x*`` exactly (floor ~ rounding noise) gets a
+                meaningful answer.
+
+        Returns:
+            The iteration, or ``None`` without an error curve.
+        """
+        if not self.error or self.diverged:
+            return None
+        threshold = max(factor * self.error[-1], resolution * self.error[0])
+        index = len(self.error) - 1
+        while index > 0 and self.error[index - 1] <= threshold:
+            index -= 1
+        return self.steps[index]
+
+
+class _MixingMatrices:
+    """``W(k)`` as a tensor of the simulation dtype, cached over the topology's period."""
+
+    def __init__(self, topology: Any, n: int, dtype: torch.dtype) -> None:
+        self._dtype = dtype
+        self._cache: dict[int, torch.Tensor] = {}
+        if isinstance(topology, torch.Tensor | np.ndarray):
+            self._static: torch.Tensor | None = self._as_tensor(topology)
+            self._topology = None
+            self._period = 1
+        else:
+            if not hasattr(topology, "mixing_matrix"):
+                raise TypeError("topology must be an [n, n] matrix or have mixing_matrix(k)")
+            self._static = None
+            self._topology = topology
+            period = getattr(topology, "period", None)
+            time_varying = getattr(topology, "is_time_varying", period is None or period > 1)
+            self._period = int(period) if period else (0 if time_varying else 1)
+        probe = self.at(0)
+        if probe.shape != (n, n):
+            raise ValueError(f"mixing matrix has shape {tuple(probe.shape)}, expected ({n}, {n})")
+
+    def _as_tensor(self, matrix: Any) -> torch.Tensor:
+        return torch.as_tensor(np.asarray(matrix, dtype=np.float64)).to(self._dtype)
+
+    def at(self, k: int) -> torch.Tensor:
+        if self._static is not None:
+            return self._static
+        assert self._topology is not None
+        if self._period == 0:  # unknown period: ask every time
+            return self._as_tensor(self._topology.mixing_matrix(k))
+        key = k % self._period
+        if key not in self._cache:
+            self._cache[key] = self._as_tensor(self._topology.mixing_matrix(k))
+        return self._cache[key]
+
+
+class Simulator:
+    """Runs one update rule on all ``n`` nodes of a problem, stacked and vectorised.
+
+    Args:
+        rule: an :class:`~peer.algorithms.UpdateRule` or a registry name.
+        topology: ``[n, n]`` mixing matrix, or an object with ``mixing_matrix(k)``.
+        problem: a problem of :mod:`peer.problems` (or any object with the same interface).
+        lr: constant learning rate, used when ``schedule`` is ``None``.
+        schedule: object with ``lr_at(k)`` (see :mod:`peer.schedules`).
+        momentum: ``beta`` when ``rule`` is a name.
+        weight_decay: added to every gradient as ``weight_decay * x``.
+        global_average_every: ``H`` of periodic global averaging (``0``: never).
+        batch_size: samples per node per step; ``None`` for full-batch gradients.
+        dtype: ``torch.float64`` or ``torch.float32``.
+        seed: minibatch sampling seed.
+        x0: starting point ``[d]`` (or ``[n, d]``); default ``problem.initial_point``.
+    """
+
+    def __init__(
+        self,
+        rule: UpdateRule | str,
+        topology: Any,
+        problem: Any,
+        lr: float = 0.01,
+        schedule: Schedule | None = None,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        global_average_every: int = 0,
+        batch_size: int | None = None,
+        dtype: torch.dtype = torch.float64,
+        seed: int = 0,
+        x0: torch.Tensor | None = None,
+    ) -> None:
+        self.rule = make_rule(rule, momentum) if isinstance(rule, str) else rule
+        self.problem = problem
+        self.n = int(problem.n)
+        self.schedule = schedule if schedule is not None else ConstantSchedule(lr)
+        self.weight_decay = float(weight_decay)
+        self.global_average_every = int(global_average_every)
+        self.batch_size = batch_size
+        self.dtype = dtype
+        self.generator = torch.Generator().manual_seed(seed)
+        self.mixing = _MixingMatrices(topology, self.n, dtype)
+        start = problem.initial_point(dtype) if x0 is None else x0.to(dtype)
+        self.params = start.expand(self.n, -1).clone() if start.dim() == 1 else start.clone()
+        self.state = self.rule.init_state(self.params)
+        self.step_count = 0
+        x_star = getattr(problem, "x_star", None)
+        self._x_star = None if x_star is None else x_star.to(torch.float64)
+
+    def step(self) -> None:
+        """Run one iteration on every node."""
+        k = self.step_count
+        lr = float(self.schedule.lr_at(k))
+        X = self.params
+        G = self.problem.stacked_gradient(X, self.batch_size, self.generator).to(self.dtype)
+        if self.weight_decay:
+            G = G + self.weight_decay * X
+        out = self.rule.outgoing(X, G, self.state, lr, k)
+        if uses_global_average(self.rule, k, self.global_average_every):
+            mixed = out.mean(dim=0, keepdim=True).expand_as(out)
+        else:
+            mixed = self.mixing.at(k) @ out
+        self.rule.apply(X, G, self.state, lr, mixed, k)
+        self.step_count += 1
+
+    def error(self) -> float | None:
+        """``sum_i ||x_i - x*||^2`` in float64 (``None`` when ``x*`` is unknown)."""
+        if self._x_star is None:
+            return None
+        return float((self.params.to(torch.float64) - self._x_star).pow(2).sum())
+
+    def consensus_distance(self) -> float:
+        """``(1/n) sum_i ||x_i - xbar||^2``."""
+        X = self.params.to(torch.float64)
+        return float((X - X.mean(dim=0)).pow(2).sum() / self.n)
+
+    def _record(self, result: SimulationResult) -> bool:
+        error = self.error()
+        loss = float(self.problem.loss(self.params))
+        consensus = self.consensus_distance()
+        result.steps.append(self.step_count)
+        if error is not None:
+            result.error.append(error)
+        result.consensus.append(consensus)
+        result.loss.append(loss)
+        return all(math.isfinite(v) for v in (error or 0.0, loss, consensus))
+
+    def run(self, steps: int, record_every: int = 1) -> SimulationResult:
+        """Run ``steps`` iterations, recording the curves every ``record_every`` iterations.
+
+        Args:
+            steps: number of iterations.
+            record_every: recording period (the first and the last iterate are always recorded).
+
+        Returns:
+            The :class:`SimulationResult` (curves, final metrics and parameters).
+        """
+        if steps < 0 or record_every < 1:
+            raise ValueError("steps must be >= 0 and record_every >= 1")
+        result = SimulationResult(algorithm=self.rule.name)
+        healthy = self._record(result)
+        end = self.step_count + steps
+        while healthy and self.step_count < end:
+            self.step()
+            if self.step_count % record_every == 0 or self.step_count == end:
+                healthy = self._record(result)
+        if not healthy:
+            result.diverged = True
+            logger.warning("%s diverged at iteration %d", self.rule.name, self.step_count)
+        else:
+            result.metrics = {k: float(v) for k, v in self.problem.metrics(self.params).items()}
+        result.params = self.params.clone()
+        return result
