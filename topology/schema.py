@@ -133,11 +133,15 @@ class Section:
             value >= maximum if exclusive_maximum else value > maximum
         )
         if low_bad or high_bad:
+            if maximum is None:
+                op = ">" if exclusive_minimum else ">="
+                raise ManifestError(f"{self.at(key)}: must be {op} {minimum:g}, got {value}")
             lo = "(" if exclusive_minimum else "["
             hi = ")" if exclusive_maximum else "]"
             low = "-inf" if minimum is None else f"{minimum:g}"
-            high = "inf" if maximum is None else f"{maximum:g}"
-            raise ManifestError(f"{self.at(key)}: {value} is out of range {lo}{low}, {high}{hi}")
+            raise ManifestError(
+                f"{self.at(key)}: {value} is out of range {lo}{low}, {maximum:g}{hi}"
+            )
         return float(value)
 
     def string(
