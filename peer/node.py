@@ -276,7 +276,9 @@ def _build_optimizer(
     from peer.schedules import make_schedule
 
     training = manifest.training
-    schedule = make_schedule(training.lr_schedule.to_dict(), training.lr, training.steps)
+    schedule = make_schedule(
+        schedule_spec(training.lr_schedule.to_dict()), training.lr, training.steps
+    )
     communicator: Communicator = comm
     if training.algorithm == "pmsgd":
         from peer.dist import TorchDistributedCommunicator
@@ -300,6 +302,31 @@ def _build_optimizer(
         overlap=not options.blocking,
         deadline_seconds=manifest.exchange.fetch_deadline_seconds,
     )
+
+
+def schedule_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    """Map the manifest's ``training.lr_schedule`` onto :func:`peer.schedules.make_schedule`.
+
+    The manifest has one flat set of fields; each schedule takes only its own. A warmup on
+    ``constant`` or ``step`` wraps the schedule in a linear warmup.
+    """
+    name = spec.get("name", "constant")
+    warmup = int(spec.get("warmup_steps", 0))
+    if name == "cosine":
+        return {"name": "cosine", "warmup_steps": warmup, "min_lr": spec.get("min_lr", 0.0)}
+    if name == "warmup":
+        return {"name": "warmup", "warmup_steps": warmup}
+    if name == "step":
+        inner: dict[str, Any] = {
+            "name": "step",
+            "milestones": [int(m) - warmup for m in spec.get("milestones", ())],
+            "gamma": spec.get("gamma", 0.1),
+        }
+    else:
+        inner = {"name": "constant"}
+    if warmup > 0:
+        return {"name": "warmup", "warmup_steps": warmup, "then": inner}
+    return inner
 
 
 def default_dist_init(manifest: Any) -> str:

@@ -248,6 +248,115 @@ def digits_task(
 
 
 # --------------------------------------------------------------------------------------------
+# linreg
+
+
+class LinearModel(nn.Module):
+    """``x`` as one parameter vector (the model of least squares)."""
+
+    def __init__(self, x0: torch.Tensor) -> None:
+        super().__init__()
+        self.x = nn.Parameter(x0.clone())
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features @ self.x
+
+
+@dataclass
+class LinRegTask:
+    """Peer ``rank``'s share of :class:`peer.problems.LinearRegressionProblem`.
+
+    ``f_i(x) = ||A_i x - b_i||^2 / (2 m)``: the same data, loss and optimum as the simulator's
+    problem with the same options, so real peers can be checked against it step by step.
+    """
+
+    model: nn.Module
+    A: torch.Tensor
+    b: torch.Tensor
+    x_star: torch.Tensor
+    batch_size: int | None
+    seed: int
+    rank: int
+
+    def train_batches(self, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Full batch every step, or ``batch_size`` rows drawn with replacement."""
+        step = start_step
+        while True:
+            if self.batch_size is None:
+                yield self.A, self.b
+            else:
+                generator = _step_generator(self.seed, self.rank, step)
+                idx = torch.randint(len(self.b), (self.batch_size,), generator=generator)
+                yield self.A[idx], self.b[idx]
+            step += 1
+
+    def loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """``||A x - b||^2 / (2 m)`` on the batch."""
+        A, b = batch
+        return 0.5 * (model(A) - b).pow(2).mean()
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        """Full local loss and squared distance to the global optimum ``x*``."""
+        x = next(model.parameters()).detach().to(self.x_star.dtype).cpu()
+        return {
+            "loss": float(self.loss(model, (self.A, self.b))),
+            "error": float((x.reshape(-1) - self.x_star).pow(2).sum()),
+        }
+
+
+def linreg_task(
+    rank: int,
+    world_size: int,
+    *,
+    batch_size: int | None = 0,
+    dim: int = 10,
+    samples_per_node: int = 50,
+    heterogeneity: float = 1.0,
+    feature_shift: float = 0.0,
+    noise: float = 0.1,
+    identical: bool = False,
+    seed: int = 0,
+    dtype: str = "float64",
+    **unused: Any,
+) -> LinRegTask:
+    """Build the ``linreg`` task (heterogeneous least squares) for one peer.
+
+    Args:
+        rank: this peer.
+        world_size: number of peers (the problem has one node per peer).
+        batch_size: rows per step; ``0``/``None`` for full-batch gradients.
+        dim, samples_per_node, heterogeneity, feature_shift, noise, identical, seed: as in
+            :class:`peer.problems.LinearRegressionProblem`.
+        dtype: parameter dtype (``float64`` for exact comparisons).
+    """
+    from peer.problems import LinearRegressionProblem
+
+    _warn_unused("linreg", unused)
+    problem = LinearRegressionProblem(
+        n=world_size,
+        dim=dim,
+        samples_per_node=samples_per_node,
+        heterogeneity=heterogeneity,
+        feature_shift=feature_shift,
+        noise=noise,
+        identical=identical,
+        seed=seed,
+    )
+    torch_dtype = getattr(torch, dtype)
+    assert problem.x_star is not None
+    return LinRegTask(
+        model=LinearModel(problem.initial_point(torch_dtype)),
+        A=problem.A[rank].to(torch_dtype),
+        b=problem.b[rank].to(torch_dtype),
+        x_star=problem.x_star,
+        batch_size=batch_size or None,
+        seed=seed,
+        rank=rank,
+    )
+
+
+# --------------------------------------------------------------------------------------------
 # synthetic-image
 
 
@@ -392,6 +501,7 @@ class TaskRegistry:
 
 
 TASKS = TaskRegistry()
+TASKS.register("linreg", linreg_task)
 TASKS.register("digits", digits_task)
 TASKS.register("synthetic-image", synthetic_image_task)
 

@@ -1,0 +1,111 @@
+"""The training loop with real optimizers over the in-memory transport.
+
+Peers run as threads of this process (fast); the same checks over real gRPC peer processes live
+in ``test_cluster.py``.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from peer.comm import InMemoryFabric
+from peer.optim import make_optimizer
+from peer.problems import LinearRegressionProblem
+from peer.simulator import Simulator
+from peer.tasks import build_task
+from peer.trainer import Trainer, TrainerConfig
+from topology import make_topology
+
+N = 4
+STEPS = 30
+LR = 0.05
+
+
+def _run_threads(
+    algorithm: str,
+    graph: str,
+    steps: int,
+    *,
+    overlap: bool = False,
+    out: Path | None = None,
+    resume: bool = False,
+    checkpoint_every: int = 0,
+    stop_at: int | None = None,
+) -> dict[int, Any]:
+    topo = make_topology(graph, N, weights="uniform")
+    fabric = InMemoryFabric(N, topo, deadline_seconds=20)
+    results: dict[int, Any] = {}
+    errors: list[BaseException] = []
+
+    def peer(rank: int) -> None:
+        try:
+            task = build_task("linreg", rank, N, {"seed": 3, "batch_size": 0})
+            comm = fabric.communicator(rank)
+            opt = make_optimizer(
+                algorithm, task.model.parameters(), lr=LR, momentum=0.9, communicator=comm,
+                overlap=overlap,
+            )  # fmt: skip
+            trainer = Trainer(
+                task, opt, rank=rank, communicator=comm,
+                config=TrainerConfig(
+                    steps=steps, eval_every=10, checkpoint_dir=out, resume=resume,
+                    checkpoint_every=checkpoint_every,
+                ),
+            )  # fmt: skip
+            if stop_at is not None:
+                trainer.on_step = lambda k, loss: trainer.request_stop() if k >= stop_at else None
+            result = trainer.run()
+            results[rank] = (result, task.model.x.detach().clone())
+        except BaseException as exc:  # surfaced in the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=peer, args=(r,)) for r in range(N)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    if errors:
+        raise errors[0]
+    return results
+
+
+def _simulate(algorithm: str, graph: str, steps: int) -> torch.Tensor:
+    problem = LinearRegressionProblem(n=N, dim=10, samples_per_node=50, seed=3)
+    topo = make_topology(graph, N, weights="uniform")
+    sim = Simulator(algorithm, topo, problem, lr=LR, momentum=0.9, dtype=torch.float64)
+    sim.run(steps)
+    return sim.params
+
+
+@pytest.mark.parametrize("graph", ["ring", "one-peer-exponential"])
+@pytest.mark.parametrize("algorithm", ["decentlam", "dmsgd", "dsgd", "qg-dmsgd"])
+def test_threaded_peers_equal_simulator(algorithm: str, graph: str) -> None:
+    results = _run_threads(algorithm, graph, STEPS, overlap=algorithm == "decentlam")
+    expected = _simulate(algorithm, graph, STEPS)
+    got = torch.stack([results[r][1] for r in range(N)])
+    rel = (got - expected).norm() / expected.norm()
+    assert rel <= 1e-10, f"relative difference {rel:.3e}"
+    for rank in range(N):
+        result = results[rank][0]
+        assert result.steps == STEPS and not result.stopped_early
+        assert result.bytes_received > 0
+        assert result.consensus_distance >= 0
+        assert set(result.eval) == {"loss", "error"}
+
+
+def test_stop_then_resume_reproduces_uninterrupted_run(tmp_path: Path) -> None:
+    full = _run_threads("decentlam", "ring", 20)
+    part = _run_threads("decentlam", "ring", 20, out=tmp_path, stop_at=8)
+    assert all(part[r][0].stopped_early and part[r][0].steps == 8 for r in range(N))
+    resumed = _run_threads("decentlam", "ring", 20, out=tmp_path, resume=True)
+    for rank in range(N):
+        assert resumed[rank][0].start_step == 8
+        assert torch.equal(resumed[rank][1], full[rank][1])
+        saved = torch.load(tmp_path / f"rank-{rank}.pt", weights_only=False)
+        assert saved["step"] == 20
+        assert set(saved) >= {"model", "optimizer", "step", "rng"}
