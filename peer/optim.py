@@ -1,0 +1,433 @@
+"""Torch optimizers for the real peers: the rules of :mod:`peer.algorithms` over a Communicator.
+
+:class:`DecentralizedOptimizer` is a ``torch.optim.Optimizer`` that runs one peer's side of a
+decentralized method. At construction its parameters are moved into **flat contiguous
+buffers**, one per ``(dtype, device)`` (``p.data`` and ``p.grad`` become views into them, so a
+step never concatenates), and each buffer is cut into buckets of about ``bucket_bytes`` along
+parameter boundaries. Iteration ``k`` of :meth:`~DecentralizedOptimizer.step`, per bucket::
+
+    g      = grad + weight_decay * x
+    msg    = rule.outgoing(x, g, state, gamma_k, k)
+    handle = communicator.neighbor_average_async(f"{group}/{bucket}", msg, k)   # or global
+    ...    # all buckets started before the first wait
+    rule.apply(x, g, state, gamma_k, handle.wait(), k)
+
+With ``overlap=True`` a post-accumulate-grad hook starts a bucket's exchange as soon as all of
+its parameters have their gradient, while backward is still running; ``step()`` then starts
+whatever bucket is left (parameters that got no gradient count as zero) and only waits.
+Overlap assumes one backward pass per step (no gradient accumulation across passes).
+
+Message names depend only on the parameter order, so every peer of a run built from the same
+model agrees on them. Do not move the model to another device after building the optimizer.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from peer.algorithms import UpdateRule, make_rule, uses_global_average
+from peer.comm import Communicator, ExchangeStats, Handle
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BUCKET_BYTES = 25 * 2**20
+
+
+@dataclass
+class _Bucket:
+    name: str
+    group: int
+    start: int
+    end: int
+    params: list[int]  # indices into the optimizer's parameter list
+
+
+@dataclass
+class _FlatGroup:
+    name: str
+    data: torch.Tensor
+    grad: torch.Tensor
+    params: list[torch.nn.Parameter]
+    offsets: list[int]
+    state: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class _InFlight:
+    handle: Handle
+    gradient: torch.Tensor
+    lr: float
+
+
+class DecentralizedOptimizer(torch.optim.Optimizer):
+    """One peer of a decentralized method, as a ``torch.optim.Optimizer``.
+
+    Args:
+        params: parameters or parameter groups (all groups must share lr, momentum and
+            weight decay: one flat buffer spans them).
+        algorithm: a name of :data:`peer.algorithms.ALGORITHMS`.
+        lr: learning rate ``gamma`` (used when ``schedule`` is ``None``; torch lr schedulers
+            that edit ``param_groups[0]["lr"]`` work too).
+        momentum: ``beta`` (``mu`` for QG-DmSGD).
+        weight_decay: added to the gradient as ``weight_decay * x``.
+        communicator: this peer's :class:`peer.comm.Communicator`.
+        schedule: object with ``lr_at(k)`` (:mod:`peer.schedules`); overrides ``lr``.
+        global_average_every: ``H`` of periodic global averaging (``0``: never).
+        max_staleness: accept neighbour vectors up to this many steps old.
+        overlap: start each bucket's exchange from backward hooks.
+        bucket_bytes: target bucket size.
+        deadline_seconds: timeout of each wait (``None``: the transport's deadline).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        algorithm: str = "decentlam",
+        lr: float = 0.01,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        communicator: Communicator | None = None,
+        schedule: Any = None,
+        global_average_every: int = 0,
+        max_staleness: int = 0,
+        overlap: bool = False,
+        bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+        deadline_seconds: float | None = None,
+    ) -> None:
+        if communicator is None:
+            raise ValueError("a communicator (peer.comm.Communicator) is required")
+        if lr <= 0 or weight_decay < 0 or bucket_bytes < 1 or max_staleness < 0:
+            raise ValueError(
+                "need lr > 0, weight_decay >= 0, bucket_bytes >= 1, max_staleness >= 0"
+            )
+        self._building = True
+        defaults = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay}
+        super().__init__(params, defaults)
+        self._building = False
+        for group in self.param_groups[1:]:
+            for key in defaults:
+                if group[key] != self.param_groups[0][key]:
+                    raise ValueError(f"all parameter groups must share {key!r}")
+        self.rule: UpdateRule = make_rule(algorithm, momentum)
+        self.communicator = communicator
+        self.schedule = schedule
+        self.global_average_every = int(global_average_every)
+        self.max_staleness = int(max_staleness)
+        self.overlap = bool(overlap)
+        self.deadline_seconds = deadline_seconds
+        self.last_exchange_stats: list[ExchangeStats] = []
+        self._step = 0
+        self._params = self._unique_params()
+        self._groups, self._buckets = self._flatten(bucket_bytes)
+        self._in_flight: dict[int, _InFlight] = {}
+        self._waiting: list[set[int]] = []
+        self._hooks: list[Any] = []
+        if self.overlap:
+            self._reset_waiting()
+            self._param_buckets: dict[int, list[int]] = {}
+            for b, bucket in enumerate(self._buckets):
+                for index in bucket.params:
+                    self._param_buckets.setdefault(index, []).append(b)
+            for index, param in enumerate(self._params):
+                self._hooks.append(param.register_post_accumulate_grad_hook(self._hook(index)))
+
+    # ----------------------------------------------------------------- construction
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Only during construction: the flat buffers are fixed afterwards."""
+        if not getattr(self, "_building", False):
+            raise RuntimeError("DecentralizedOptimizer does not accept parameter groups later")
+        super().add_param_group(param_group)
+
+    def _unique_params(self) -> list[torch.nn.Parameter]:
+        seen: set[int] = set()
+        params = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.requires_grad and id(p) not in seen:
+                    seen.add(id(p))
+                    params.append(p)
+        return params
+
+    def _flatten(self, bucket_bytes: int) -> tuple[list[_FlatGroup], list[_Bucket]]:
+        by_kind: dict[tuple[torch.dtype, torch.device], list[int]] = {}
+        for index, p in enumerate(self._params):
+            by_kind.setdefault((p.dtype, p.device), []).append(index)
+        groups, buckets = [], []
+        self._spans: dict[int, tuple[int, int]] = {}
+        for gi, ((dtype, device), indices) in enumerate(by_kind.items()):
+            members = [self._params[i] for i in indices]
+            offsets = [0]
+            for p in members:
+                offsets.append(offsets[-1] + p.numel())
+            data = torch.empty(offsets[-1], dtype=dtype, device=device)
+            grad = torch.zeros_like(data)
+            for p, start, end in zip(members, offsets, offsets[1:], strict=False):
+                data[start:end].copy_(p.detach().reshape(-1))
+                p.data = data[start:end].view_as(p)
+                if p.grad is not None:
+                    grad[start:end].copy_(p.grad.reshape(-1))
+                p.grad = grad[start:end].view_as(p)
+            name = f"params{gi}.{str(dtype).removeprefix('torch.')}"
+            group = _FlatGroup(name, data, grad, members, offsets, self.rule.init_state(data))
+            groups.append(group)
+            element_bytes = data.element_size()
+            first = 0
+            for local, index in enumerate(indices):
+                self._spans[index] = (offsets[local], offsets[local + 1])
+                size_bytes = (offsets[local + 1] - offsets[first]) * element_bytes
+                if size_bytes >= bucket_bytes or local == len(indices) - 1:
+                    start, end = offsets[first], offsets[local + 1]
+                    bucket_name = f"{name}/{len(buckets)}"
+                    buckets.append(_Bucket(bucket_name, gi, start, end, indices[first : local + 1]))
+                    first = local + 1
+        logger.debug("flattened %d parameters into %d buckets", len(self._params), len(buckets))
+        return groups, buckets
+
+    # ----------------------------------------------------------------- the step
+    def current_lr(self) -> float:
+        """``gamma_k`` of the coming step: the schedule's, else ``param_groups[0]["lr"]``."""
+        if self.schedule is not None:
+            return float(self.schedule.lr_at(self._step))
+        return float(self.param_groups[0]["lr"])
+
+    def _sync_grads(self, bucket: _Bucket) -> None:
+        """Put every parameter's gradient back into the flat grad buffer (as a view)."""
+        group = self._groups[bucket.group]
+        for index in bucket.params:
+            p = self._params[index]
+            start, end = self._spans[index]
+            view = group.grad[start:end]
+            if p.grad is None:
+                view.zero_()  # no gradient this step: counts as zero
+            elif p.grad.data_ptr() != view.data_ptr():
+                view.copy_(p.grad.reshape(-1))  # someone replaced p.grad (e.g. set it to None)
+            else:
+                continue
+            p.grad = view.view_as(p)
+
+    def _start(self, b: int) -> None:
+        bucket = self._buckets[b]
+        if b in self._in_flight:
+            return
+        self._sync_grads(bucket)
+        group = self._groups[bucket.group]
+        x = group.data[bucket.start : bucket.end]
+        g = group.grad[bucket.start : bucket.end]
+        weight_decay = self.param_groups[0]["weight_decay"]
+        g = g + weight_decay * x if weight_decay else g.clone()
+        state = {key: value[bucket.start : bucket.end] for key, value in group.state.items()}
+        lr = self.current_lr()
+        k = self._step
+        msg = self.rule.outgoing(x, g, state, lr, k)
+        if uses_global_average(self.rule, k, self.global_average_every):
+            handle = self.communicator.global_average_async(bucket.name, msg, k)
+        else:
+            handle = self.communicator.neighbor_average_async(
+                bucket.name, msg, k, max_staleness=self.max_staleness
+            )
+        self._in_flight[b] = _InFlight(handle, g, lr)
+
+    def _reset_waiting(self) -> None:
+        self._waiting = [set(bucket.params) for bucket in self._buckets]
+
+    def _hook(self, index: int) -> Callable[[torch.Tensor], None]:
+        def on_grad_ready(param: torch.Tensor) -> None:
+            for b in self._param_buckets[index]:
+                if b in self._in_flight:
+                    raise RuntimeError(
+                        f"gradient of parameter {index} arrived after its bucket was sent: "
+                        "overlap=True supports one backward pass per optimizer step"
+                    )
+                self._waiting[b].discard(index)
+                if not self._waiting[b]:
+                    with torch.no_grad():
+                        self._start(b)
+
+        return on_grad_ready
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """One iteration: start every bucket's exchange (if hooks have not), wait, apply.
+
+        Args:
+            closure: optional callable that recomputes the loss (with backward).
+
+        Returns:
+            The closure's loss, or ``None``.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        k = self._step
+        for b in range(len(self._buckets)):
+            self._start(b)
+        stats = []
+        try:
+            for b, bucket in enumerate(self._buckets):
+                flight = self._in_flight[b]
+                mixed = flight.handle.wait(self.deadline_seconds)
+                group = self._groups[bucket.group]
+                x = group.data[bucket.start : bucket.end]
+                state = {key: v[bucket.start : bucket.end] for key, v in group.state.items()}
+                self.rule.apply(x, flight.gradient, state, flight.lr, mixed, k)
+                stats.append(flight.handle.stats)
+        finally:
+            self._in_flight.clear()
+            if self.overlap:
+                self._reset_waiting()
+        self.last_exchange_stats = stats
+        self._step += 1
+        if self.schedule is not None:
+            for group in self.param_groups:
+                group["lr"] = self.current_lr()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero the flat gradient buffers (gradients stay views; ``set_to_none`` is ignored)."""
+        for group in self._groups:
+            group.grad.zero_()
+            for p, start, end in zip(group.params, group.offsets, group.offsets[1:], strict=False):
+                if p.grad is None or p.grad.data_ptr() != group.grad[start:end].data_ptr():
+                    p.grad = group.grad[start:end].view_as(p)
+
+    # ----------------------------------------------------------------- introspection
+    @property
+    def step_count(self) -> int:
+        """Iterations completed (the ``k`` of the next step)."""
+        return self._step
+
+    def flat_parameters(self) -> list[torch.Tensor]:
+        """The flat parameter buffers, one per ``(dtype, device)`` (views, not copies)."""
+        return [group.data for group in self._groups]
+
+    def state_dict(self) -> dict[str, Any]:
+        """Step count, hyperparameters and every rule state buffer (cloned).
+
+        Returns:
+            A dict for :meth:`load_state_dict` (``torch.save``-able).
+        """
+        hyper = [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]
+        return {
+            "algorithm": self.rule.name,
+            "step": self._step,
+            "param_groups": hyper,
+            "layout": [group.data.numel() for group in self._groups],
+            "flat_state": [
+                {name: value.detach().clone() for name, value in group.state.items()}
+                for group in self._groups
+            ],
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved (into the existing buffers).
+
+        Args:
+            state_dict: the saved dict.
+
+        Raises:
+            ValueError: saved by another algorithm or for a different parameter layout.
+        """
+        if state_dict.get("algorithm") != self.rule.name:
+            raise ValueError(
+                f"state was saved by {state_dict.get('algorithm')!r}, not {self.rule.name!r}"
+            )
+        layout = [group.data.numel() for group in self._groups]
+        if list(state_dict["layout"]) != layout:
+            raise ValueError(f"parameter layout {state_dict['layout']} does not match {layout}")
+        for group, saved in zip(self._groups, state_dict["flat_state"], strict=True):
+            for name, value in group.state.items():
+                value.copy_(saved[name])
+        for group, saved_group in zip(self.param_groups, state_dict["param_groups"], strict=True):
+            group.update(saved_group)
+        self._step = int(state_dict["step"])
+        self._in_flight.clear()
+
+
+class DecentLaM(DecentralizedOptimizer):
+    """DecentLaM (the paper's Algorithm 2).
+
+    Arguments as :class:`DecentralizedOptimizer` (without ``algorithm``).
+    """
+
+    def __init__(self, params: Iterable[Any], **kwargs: Any) -> None:
+        super().__init__(params, algorithm="decentlam", **kwargs)
+
+
+class DmSGD(DecentralizedOptimizer):
+    """Decentralized momentum SGD (the paper's Algorithm 1).
+
+    Arguments as :class:`DecentralizedOptimizer` (without ``algorithm``).
+    """
+
+    def __init__(self, params: Iterable[Any], **kwargs: Any) -> None:
+        super().__init__(params, algorithm="dmsgd", **kwargs)
+
+
+class DSGD(DecentralizedOptimizer):
+    """D-PSGD in adapt-then-combine form.
+
+    Arguments as :class:`DecentralizedOptimizer` (without ``algorithm``).
+    """
+
+    def __init__(self, params: Iterable[Any], **kwargs: Any) -> None:
+        super().__init__(params, algorithm="dsgd", **kwargs)
+
+
+class PmSGD(DecentralizedOptimizer):
+    """Parallel momentum SGD over exact global averaging (the all-reduce baseline).
+
+    Arguments as :class:`DecentralizedOptimizer` (without ``algorithm``).
+    """
+
+    def __init__(self, params: Iterable[Any], **kwargs: Any) -> None:
+        super().__init__(params, algorithm="pmsgd", **kwargs)
+
+
+class AWCDmSGD(DecentralizedOptimizer):
+    """Adapt-while-combine DmSGD.
+
+    Arguments as :class:`DecentralizedOptimizer` (without ``algorithm``).
+    """
+
+    def __init__(self, params: Iterable[Any], **kwargs: Any) -> None:
+        super().__init__(params, algorithm="awc-dmsgd", **kwargs)
+
+
+class QGDmSGD(DecentralizedOptimizer):
+    """Quasi-global momentum DmSGD (Lin et al. 2021).
+
+    Arguments as :class:`DecentralizedOptimizer` (without ``algorithm``).
+    """
+
+    def __init__(self, params: Iterable[Any], **kwargs: Any) -> None:
+        super().__init__(params, algorithm="qg-dmsgd", **kwargs)
+
+
+class DGD(DecentralizedOptimizer):
+    """Decentralized gradient descent (Nedic-Ozdaglar).
+
+    Arguments as :class:`DecentralizedOptimizer` (without ``algorithm``).
+    """
+
+    def __init__(self, params: Iterable[Any], **kwargs: Any) -> None:
+        super().__init__(params, algorithm="dgd", **kwargs)
+
+
+def make_optimizer(name: str, params: Iterable[Any], **kwargs: Any) -> DecentralizedOptimizer:
+    """Build the optimizer of a method by its registry name.
+
+    Args:
+        name: one of :data:`peer.algorithms.ALGORITHMS`.
+        params: parameters or parameter groups.
+        **kwargs: :class:`DecentralizedOptimizer` arguments (``communicator`` is required).
+
+    Returns:
+        The optimizer.
+    """
+    return DecentralizedOptimizer(params, algorithm=name, **kwargs)
