@@ -1,374 +1,227 @@
-"""One peer process: manifest in, a trained model, checkpoints and a result file out.
+"""The async core of a gRPC peer (:class:`PeerNode`) and its :class:`ExchangeConfig`.
 
-``run_peer`` is what ``decentlam peer --manifest m.yaml --rank R`` runs:
-
-1. load and validate the manifest, find this peer's entry (by rank, or by host and port);
-2. start the metrics endpoint and the gRPC service (in a background thread);
-3. wait, with a deadline, until every neighbour answers (the error names the missing ones);
-4. build the task under the manifest's seed and check, by exchanging a digest, that every
-   neighbour starts from identical parameters;
-5. train with the manifest's algorithm (overlapped exchanges unless ``blocking``);
-6. on SIGTERM/SIGINT or at the end: checkpoint, keep serving until the out-neighbours have
-   fetched the last step (bounded by a deadline), stop serving, write ``peer-<r>.json``.
+:class:`PeerNode` lives on the peer's event loop (built with ``await PeerNode.create(...)``): it
+owns the gRPC server, the retained versions and one :class:`~peer.client.PeerClient` per
+neighbour, and runs the parallel neighbour fetches of one exchange. The synchronous facade the
+training loop uses is :class:`peer.exchange.GrpcCommunicator`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
+import asyncio
 import logging
-import os
-import signal
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
+from importlib import metadata
 from typing import Any
 
 import torch
 
-from peer.comm import Communicator
-from peer.errors import ExchangeError
-from peer.tasks import build_task
-from peer.train_metrics import TrainingMetrics
-from peer.trainer import Trainer, TrainerConfig, TrainResult, flat_vector
+from peer.client import PeerClient
+from peer.errors import PeerUnavailable
+from peer.metrics import ExchangeMetrics
+from peer.security import ReadPolicy, TlsConfig
+from peer.server import PeerServicer, ServedPeer, create_server
+from peer.store import VersionStore, byte_view
+from peer.throttle import BandwidthLimiter
+from peer.wire import dtype_name
 
 logger = logging.getLogger(__name__)
 
-DIGEST_VECTOR = "startup/param-digest"
-VERSION = "0.1.0"
+MIB = 1 << 20
 
 
-class PeerSetupError(RuntimeError):
-    """The peer could not start (bad manifest entry, neighbours unreachable, different init)."""
+def _software_version() -> str:
+    try:
+        return metadata.version("decentlam")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+@dataclass(frozen=True)
+class ExchangeConfig:
+    """Typed configuration of the exchange engine.
+
+    Attributes:
+        chunk_bytes: payload bytes per chunk message (tuned with benchmarks/exchange.py).
+        fetch_deadline_seconds: deadline of one exchange (every neighbour fetch inside it).
+        connect_deadline_seconds: deadline of connection/Info calls and of start/close steps.
+        retry_backoff_seconds: first delay before retrying an UNAVAILABLE fetch (doubles).
+        max_retries: most retries of one fetch after UNAVAILABLE.
+        retained_versions: versions kept per vector name (K).
+        bandwidth_bytes_per_second: cap on bytes this peer sends; None = unlimited.
+        parallel_streams: most concurrent byte-range streams per neighbour for large vectors.
+        token: bearer token every request carries and the server requires; None = no token.
+        tls: TLS/mTLS material; None = plaintext.
+        max_message_bytes: largest gRPC message sent or received (must exceed chunk_bytes).
+        manifest_digest: digest of the run manifest, reported by Info.
+        close_grace_seconds: grace period for in-flight RPCs when closing.
+    """
+
+    chunk_bytes: int = 1 * MIB
+    fetch_deadline_seconds: float = 30.0
+    connect_deadline_seconds: float = 10.0
+    retry_backoff_seconds: float = 0.05
+    max_retries: int = 10
+    retained_versions: int = 4
+    bandwidth_bytes_per_second: float | None = None
+    parallel_streams: int = 4
+    token: str | None = None
+    tls: TlsConfig | None = None
+    max_message_bytes: int = 64 * MIB
+    manifest_digest: str = ""
+    close_grace_seconds: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.chunk_bytes < self.max_message_bytes - 64:
+            raise ValueError(
+                f"chunk_bytes must be in (0, max_message_bytes - 64), got {self.chunk_bytes}"
+            )
+        if self.retained_versions < 1 or self.parallel_streams < 1 or self.max_retries < 0:
+            raise ValueError("retained_versions and parallel_streams must be >= 1, retries >= 0")
+        if self.fetch_deadline_seconds <= 0 or self.connect_deadline_seconds <= 0:
+            raise ValueError("deadlines must be positive")
 
 
 @dataclass
-class PeerOptions:
-    """Command-line options of one peer (flags override the manifest).
+class Received:
+    """One neighbour's vector as fetched: buffer, step served, latency, bytes."""
 
-    Attributes:
-        manifest: path of the manifest.
-        rank: this peer's rank; ``None`` finds it by ``host``/``port``.
-        host, port: used to find the entry when ``rank`` is ``None``.
-        out_dir: checkpoints, ``peer-<r>.json`` (default: ``./decentlam-out``).
-        resume: continue from ``out_dir/rank-<r>.pt``.
-        blocking: turn overlap off (exchanges start in ``step()`` and are waited at once).
-        max_staleness: overrides the manifest's bound when not ``None``.
-        bind: address the gRPC server binds (default: the manifest host and port).
-        dist_init_method: ``torch.distributed`` rendezvous for ``pmsgd``.
-        linger_seconds: after the last step, how long to keep serving for slower neighbours.
-    """
-
-    manifest: Path
-    rank: int | None = None
-    host: str | None = None
-    port: int | None = None
-    out_dir: Path = Path("decentlam-out")
-    resume: bool = False
-    blocking: bool = False
-    max_staleness: int | None = None
-    bind: str | None = None
-    dist_init_method: str | None = None
-    linger_seconds: float = 60.0
+    tensor: torch.Tensor
+    step: int
+    latency_seconds: float
+    nbytes: int
 
 
-def resolve_device(spec: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; other strings as given."""
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(spec)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise PeerSetupError(f"device {spec!r} requested but CUDA is not available here")
-    return device
+class PeerNode:
+    """The async core of a peer on its event loop: server, store and neighbour clients."""
 
+    def __init__(self, rank: int, config: ExchangeConfig, served: ServedPeer) -> None:
+        self.rank = rank
+        self.config = config
+        self.served = served
+        self.server: Any = None
+        self.port = 0
+        self.clients: dict[int, PeerClient] = {}
 
-def parameter_digest(model: torch.nn.Module) -> torch.Tensor:
-    """SHA-256 of the parameters, as 32 float64 numbers (exactly representable bytes)."""
-    digest = hashlib.sha256(flat_vector(model).numpy().tobytes()).digest()
-    return torch.tensor(list(digest), dtype=torch.float64)
-
-
-def check_identical_init(comm: Communicator, topology: Any, model: torch.nn.Module) -> None:
-    """Fetch each in-neighbour's parameter digest and compare it with ours.
-
-    Raises:
-        PeerSetupError: a neighbour starts from different parameters (wrong seed or task).
-    """
-    own = parameter_digest(model)
-    neighbours: set[int] = set()
-    for k in range(max(1, topology.period)):
-        neighbours.update(topology.view(comm.rank, k).in_neighbors)
-    everyone = sorted(neighbours)
-    # Each fetch uses weight 1 on one neighbour and 0 on us: the result is its digest.
-    handles = {
-        j: comm.neighbor_average_async(DIGEST_VECTOR, own, 0, 0.0, {j: 1.0}) for j in everyone
-    }
-    bad = [j for j, h in handles.items() if not torch.equal(h.wait(), own)]
-    if bad:
-        raise PeerSetupError(
-            f"peers {bad} start from different parameters than peer {comm.rank}: "
-            "check that every peer uses the same manifest, task and seed"
-        )
-
-
-def _exchange_config(manifest: Any, token: str | None) -> Any:
-    from peer.exchange import ExchangeConfig
-
-    spec = manifest.exchange
-    tls = manifest.security.tls
-    return ExchangeConfig(
-        chunk_bytes=spec.chunk_bytes,
-        fetch_deadline_seconds=spec.fetch_deadline_seconds,
-        connect_deadline_seconds=spec.connect_deadline_seconds,
-        retry_backoff_seconds=spec.retry_backoff_seconds,
-        max_retries=spec.max_retries,
-        retained_versions=spec.retained_versions,
-        bandwidth_bytes_per_second=spec.bandwidth_bytes_per_second,
-        parallel_streams=spec.parallel_streams,
-        token=token,
-        tls=None if tls is None else _tls_config(tls),
-    )
-
-
-def _tls_config(tls: Any) -> Any:
-    from peer.security import TlsConfig
-
-    return TlsConfig(cert=tls.cert, key=tls.key, ca=tls.ca, mutual=tls.mutual)
-
-
-def read_token(path: Path | None) -> str | None:
-    """The bearer token from the manifest's token file (stripped), or ``None``."""
-    if path is None:
-        return None
-    token = Path(path).read_text().strip()
-    if not token:
-        raise PeerSetupError(f"token file {path} is empty")
-    return token
-
-
-def run_peer(options: PeerOptions) -> TrainResult:
-    """Run one peer to completion (see the module docstring).
-
-    Returns:
-        The peer's result (also written to ``out_dir/peer-<rank>.json``).
-
-    Raises:
-        PeerSetupError: the peer could not start.
-        topology.manifest.ManifestError: the manifest is invalid.
-    """
-    from prometheus_client import CollectorRegistry, start_http_server
-
-    from topology.manifest import load_manifest
-
-    manifest = load_manifest(options.manifest)
-    if options.rank is not None:
-        me = manifest.peer(options.rank)
-    elif options.host is not None and options.port is not None:
-        me = manifest.find_peer(options.host, options.port)
-    else:
-        raise PeerSetupError("give --rank, or --host and --port to find this peer's entry")
-    rank, world_size = me.rank, manifest.world_size
-    training = manifest.training
-    staleness = training.max_staleness if options.max_staleness is None else options.max_staleness
-    staleness = max(staleness, manifest.exchange.max_staleness)
-    out_dir = Path(options.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    topology = manifest.build_topology()
-    device = resolve_device(me.device)
-
-    registry = CollectorRegistry()
-    metrics = TrainingMetrics(
-        registry,
-        rank,
-        {
-            "version": VERSION,
-            "algorithm": training.algorithm,
-            "topology": manifest.topology.graph,
-            "world_size": str(world_size),
-            "device": str(device),
-        },
-    )
-    if me.metrics_port is not None:
-        start_http_server(me.metrics_port, addr=_metrics_bind(me.host), registry=registry)
-        logger.info("metrics on http://%s:%d/metrics", me.host, me.metrics_port)
-
-    token = read_token(manifest.security.token_file)
-    comm = _start_communicator(manifest, me, topology, registry, token, options)
-    trainer: Trainer | None = None
-    try:
-        torch.manual_seed(training.seed)
-        task = build_task(
-            training.task,
-            rank,
-            world_size,
-            {"seed": training.seed, "batch_size": training.batch_size, **training.task_options},
-        )
-        task.model.to(device)
-        if training.algorithm != "pmsgd":
-            check_identical_init(comm, topology, task.model)
-        optimizer = _build_optimizer(manifest, task.model, comm, staleness, options)
-        trainer = Trainer(
-            task,
-            optimizer,
+    @classmethod
+    async def create(
+        cls,
+        rank: int,
+        world_size: int,
+        topology: Any,
+        config: ExchangeConfig,
+        bind: str,
+        metrics: ExchangeMetrics,
+    ) -> PeerNode:
+        """Build the store and servicer and start the server on ``bind``."""
+        served = ServedPeer(
             rank=rank,
-            config=TrainerConfig(
-                steps=training.steps,
-                eval_every=training.eval_every,
-                checkpoint_every=training.checkpoint_every,
-                checkpoint_dir=out_dir,
-                resume=options.resume,
-                max_staleness=staleness,
-                deadline_seconds=manifest.exchange.fetch_deadline_seconds,
-            ),
-            communicator=comm if training.algorithm != "pmsgd" else None,
+            world_size=world_size,
+            store=VersionStore(config.retained_versions),
+            policy=ReadPolicy(rank, world_size, topology),
+            limiter=BandwidthLimiter(config.bandwidth_bytes_per_second),
             metrics=metrics,
-            on_step=getattr(comm, "set_current_step", None),
-            bytes_sent=getattr(comm, "bytes_sent", None),
+            chunk_bytes=config.chunk_bytes,
+            default_wait_seconds=config.fetch_deadline_seconds,
+            manifest_digest=config.manifest_digest,
+            software_version=_software_version(),
         )
-        _install_signal_handlers(trainer)
-        result = trainer.run()
-        _linger(comm, topology, rank, trainer.step, options.linger_seconds)
-    finally:
-        comm.close()
-    path = out_dir / f"peer-{rank}.json"
-    path.write_text(json.dumps(result.to_dict(), indent=2, default=float))
-    logger.info("peer %d done: %s", rank, path)
-    return result
-
-
-def _metrics_bind(host: str) -> str:
-    # Loopback manifests keep the endpoint private; any other host listens on all interfaces
-    # (inside a container the manifest host is the service name).
-    return host if host.startswith("127.") or host in {"localhost", "::1"} else "0.0.0.0"
-
-
-def _start_communicator(
-    manifest: Any, me: Any, topology: Any, registry: Any, token: str | None, options: PeerOptions
-) -> Communicator:
-    from peer.exchange import GrpcCommunicator
-
-    peers = {p.rank: p.address for p in manifest.peers}
-    bind = options.bind or os.environ.get("DECENTLAM_BIND") or f"{_metrics_bind(me.host)}:{me.port}"
-    comm = GrpcCommunicator.start(
-        me.rank,
-        peers,
-        topology=topology,
-        config=_exchange_config(manifest, token),
-        bind=bind,
-        registry=registry,
-        manifest_digest=manifest.digest(),
-    )
-    try:
-        comm.wait_for_neighbors(timeout=manifest.exchange.connect_deadline_seconds)
-    except ExchangeError as exc:
-        comm.close()
-        raise PeerSetupError(str(exc)) from exc
-    except BaseException:
-        comm.close()
-        raise
-    return comm
-
-
-def _build_optimizer(
-    manifest: Any, model: torch.nn.Module, comm: Communicator, staleness: int, options: PeerOptions
-) -> torch.optim.Optimizer:
-    from peer.optim import make_optimizer
-    from peer.schedules import make_schedule
-
-    training = manifest.training
-    schedule = make_schedule(
-        schedule_spec(training.lr_schedule.to_dict()), training.lr, training.steps
-    )
-    communicator: Communicator = comm
-    if training.algorithm == "pmsgd":
-        from peer.dist import TorchDistributedCommunicator
-
-        communicator = TorchDistributedCommunicator.start(
-            comm.rank,
-            manifest.world_size,
-            init_method=options.dist_init_method or default_dist_init(manifest),
-            timeout_seconds=manifest.exchange.connect_deadline_seconds,
+        node = cls(rank, config, served)
+        node.server, node.port = create_server(
+            PeerServicer(served),
+            bind,
+            token=config.token,
+            tls=config.tls,
+            max_message_bytes=config.max_message_bytes,
         )
-    return make_optimizer(
-        training.algorithm,
-        model.parameters(),
-        lr=training.lr,
-        momentum=training.momentum,
-        weight_decay=training.weight_decay,
-        communicator=communicator,
-        schedule=schedule,
-        global_average_every=training.global_average_every,
-        max_staleness=staleness,
-        overlap=not options.blocking,
-        deadline_seconds=manifest.exchange.fetch_deadline_seconds,
-    )
+        await node.server.start()
+        return node
 
+    async def set_peers(self, peers: Mapping[int, str]) -> None:
+        """Open channels to new or moved neighbours (and close the replaced ones)."""
+        for rank, address in peers.items():
+            if rank == self.rank or not address:
+                continue
+            old = self.clients.get(rank)
+            if old is not None and old.address == address:
+                continue
+            self.clients[rank] = await PeerClient.create(
+                self.rank,
+                rank,
+                address,
+                token=self.config.token,
+                tls=self.config.tls,
+                max_message_bytes=self.config.max_message_bytes,
+                metrics=self.served.metrics,
+            )
+            if old is not None:
+                await old.close()
 
-def schedule_spec(spec: dict[str, Any]) -> dict[str, Any]:
-    """Map the manifest's ``training.lr_schedule`` onto :func:`peer.schedules.make_schedule`.
-
-    The manifest has one flat set of fields; each schedule takes only its own. A warmup on
-    ``constant`` or ``step`` wraps the schedule in a linear warmup.
-    """
-    name = spec.get("name", "constant")
-    warmup = int(spec.get("warmup_steps", 0))
-    if name == "cosine":
-        return {"name": "cosine", "warmup_steps": warmup, "min_lr": spec.get("min_lr", 0.0)}
-    if name == "warmup":
-        return {"name": "warmup", "warmup_steps": warmup}
-    if name == "step":
-        inner: dict[str, Any] = {
-            "name": "step",
-            "milestones": [int(m) - warmup for m in spec.get("milestones", ())],
-            "gamma": spec.get("gamma", 0.1),
-        }
-    else:
-        inner = {"name": "constant"}
-    if warmup > 0:
-        return {"name": "warmup", "warmup_steps": warmup, "then": inner}
-    return inner
-
-
-def default_dist_init(manifest: Any) -> str:
-    """Default ``torch.distributed`` rendezvous: peer 0's host, its gRPC port + 1000."""
-    first = manifest.peers[0]
-    return f"tcp://{first.address.rsplit(':', 1)[0]}:{(first.port + 1000 - 1) % 65535 + 1}"
-
-
-def _install_signal_handlers(trainer: Trainer) -> None:
-    def handler(signum: int, frame: Any) -> None:
-        logger.warning("signal %d: stopping after the current step", signum)
-        trainer.request_stop()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    def client(self, rank: int, name: str, step: int) -> PeerClient:
+        """The client of neighbour ``rank``; PeerUnavailable when no address is known."""
         try:
-            signal.signal(sig, handler)
-        except ValueError:  # not in the main thread (tests): the caller stops the trainer
-            return
+            return self.clients[rank]
+        except KeyError:
+            raise PeerUnavailable(
+                f"no address known for peer {rank}", neighbor=rank, name=name, step=step
+            ) from None
 
+    async def fetch(
+        self, src: int, name: str, step: int, min_step: int, like: torch.Tensor, deadline: float
+    ) -> Received:
+        """Fetch ``src``'s version into a preallocated buffer shaped like ``like``."""
+        started = time.perf_counter()
+        client = self.client(src, name, step)
+        pinned = like.is_cuda and torch.cuda.is_available()
+        dest = torch.empty(like.shape, dtype=like.dtype, pin_memory=pinned)
+        result = await client.fetch_into(
+            name,
+            step,
+            min_step,
+            byte_view(dest),
+            dtype=dtype_name(like.dtype),
+            shape=tuple(like.shape),
+            chunk_bytes=self.config.chunk_bytes,
+            parallel_streams=self.config.parallel_streams,
+            deadline=deadline,
+            backoff_seconds=self.config.retry_backoff_seconds,
+            max_retries=self.config.max_retries,
+        )
+        latency = time.perf_counter() - started
+        self.served.metrics.fetched(src, latency, result.nbytes, result.chunks)
+        return Received(dest, result.step, latency, result.nbytes)
 
-def _linger(comm: Any, topology: Any, rank: int, last_step: int, budget_seconds: float) -> None:
-    """Keep serving until every out-neighbour has passed ``last_step`` (or the budget ends).
+    async def exchange(
+        self,
+        name: str,
+        step: int,
+        min_step: int,
+        like: torch.Tensor,
+        sources: list[int],
+        deadline_seconds: float,
+        pending: set[int],
+    ) -> dict[int, Received]:
+        """Fetch from every source in parallel; the first failure cancels the rest."""
+        deadline = asyncio.get_running_loop().time() + deadline_seconds
 
-    Without this the fastest peer would stop its server while slower neighbours still need its
-    final vectors. It is not a barrier: it waits only on this peer's own readers, only at exit.
-    """
-    peer_step = getattr(comm, "peer_step", None)
-    if peer_step is None:
-        return
-    readers: set[int] = set()
-    for k in range(max(1, topology.period)):
-        readers.update(topology.view(rank, k).out_neighbors)
-    deadline = time.monotonic() + budget_seconds
-    pending = set(readers)
-    while pending and time.monotonic() < deadline:
-        for j in sorted(pending):
-            try:
-                if peer_step(j, timeout=2.0) >= last_step:
-                    pending.discard(j)
-            except ExchangeError:
-                pending.discard(j)  # gone already: nobody left to serve
-        if pending:
-            time.sleep(0.05)
-    if pending:
-        logger.warning("stopping while peers %s may still need step %d", sorted(pending), last_step)
+        async def one(src: int) -> tuple[int, Received]:
+            received = await self.fetch(src, name, step, min_step, like, deadline)
+            pending.discard(src)
+            return src, received
+
+        tasks = [asyncio.ensure_future(one(src)) for src in sources]
+        try:
+            return dict(await asyncio.gather(*tasks))
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    async def close(self) -> None:
+        """Stop the server (with grace) and close every channel."""
+        if self.server is not None:
+            await self.server.stop(self.config.close_grace_seconds)
+        for client in self.clients.values():
+            await client.close()
+        self.clients.clear()

@@ -1,0 +1,401 @@
+"""The client side of a peer: one reused channel per neighbour, and fetches with deadlines.
+
+:class:`PeerClient` wraps one ``grpc.aio`` channel to one neighbour (``call_*`` methods).
+A fetch writes the received chunks straight into a preallocated buffer (the chunk deserializer
+returns memoryviews of the received message, no protobuf parse), validates every message with
+:class:`peer.wire.RangeAssembler`, and, for large vectors, splits the payload into byte ranges
+fetched as parallel streams on the same channel. UNAVAILABLE is retried with exponential backoff
+inside the fetch deadline; every other failure maps to a typed :mod:`peer.errors` exception.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+import grpc
+
+from peer.errors import (
+    AuthError,
+    ExchangeError,
+    ExchangeTimeout,
+    PeerUnavailable,
+    StepEvicted,
+    WireError,
+)
+from peer.framing import chunk_count, crc32, split_ranges
+from peer.metrics import ExchangeMetrics
+from peer.proto.decentlam.v1 import peer_pb2 as pb
+from peer.security import TlsConfig, call_metadata, channel_credentials
+from peer.server import OLDEST_STEP_KEY, SERVER_MIN_PING_INTERVAL_MS, SERVICE_NAME
+from peer.store import PeerState, unpack_state
+from peer.wire import (
+    Expectation,
+    FetchQuery,
+    Malformed,
+    PeerInfo,
+    RangeAssembler,
+    StateHeader,
+    decode_fetch_response,
+    decode_state_response,
+    info_from_pb,
+    query_to_pb,
+    verify_checksum,
+)
+
+logger = logging.getLogger(__name__)
+
+CLIENT_KEEPALIVE_TIME_MS = 2 * SERVER_MIN_PING_INTERVAL_MS
+CLIENT_KEEPALIVE_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.keepalive_time_ms", CLIENT_KEEPALIVE_TIME_MS),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    # Reconnect quickly to a neighbour that comes up late; fetch retries do the rest.
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1_000),
+)
+# Ranges smaller than this are not worth a stream of their own.
+MIN_RANGE_BYTES = 4 << 20
+
+
+@dataclass(frozen=True)
+class FetchResult:
+    """What one successful fetch produced."""
+
+    step: int
+    nbytes: int
+    chunks: int
+    retries: int
+
+
+def to_exchange_error(
+    exc: grpc.aio.AioRpcError, neighbor: int, name: str | None, step: int | None, what: str
+) -> ExchangeError:
+    """Typed exchange error for a failed RPC to ``neighbor``."""
+    code = exc.code()
+    message = f"{what} from peer {neighbor} failed: {code.name}: {exc.details()}"
+    where = {"neighbor": neighbor, "name": name, "step": step}
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return ExchangeTimeout(message, **where)
+    if code == grpc.StatusCode.OUT_OF_RANGE:
+        oldest = dict(exc.trailing_metadata() or ()).get(OLDEST_STEP_KEY)
+        oldest_step = int(oldest) if oldest is not None and str(oldest).isdigit() else None
+        return StepEvicted(message, oldest_step=oldest_step, **where)
+    if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+        return AuthError(message, **where)
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return PeerUnavailable(message, **where)
+    if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.INTERNAL):
+        return WireError(message, **where)
+    return ExchangeError(message, **where)
+
+
+class PeerClient:
+    """One channel to one neighbour, reused by every call. Build with ``await create(...)``."""
+
+    def __init__(
+        self,
+        rank: int,
+        neighbor: int,
+        address: str,
+        channel: grpc.aio.Channel,
+        token: str | None,
+        metrics: ExchangeMetrics,
+    ) -> None:
+        self.rank = rank
+        self.neighbor = neighbor
+        self.address = address
+        self.metrics = metrics
+        self._channel = channel
+        self._metadata = call_metadata(token, rank)
+        self._fetch = channel.unary_stream(
+            f"/{SERVICE_NAME}/Fetch",
+            request_serializer=pb.FetchRequest.SerializeToString,
+            response_deserializer=decode_fetch_response,
+        )
+        self._info = channel.unary_unary(
+            f"/{SERVICE_NAME}/Info",
+            request_serializer=pb.InfoRequest.SerializeToString,
+            response_deserializer=pb.InfoResponse.FromString,
+        )
+        self._get_state = channel.unary_stream(
+            f"/{SERVICE_NAME}/GetState",
+            request_serializer=pb.GetStateRequest.SerializeToString,
+            response_deserializer=decode_state_response,
+        )
+
+    @classmethod
+    async def create(
+        cls,
+        rank: int,
+        neighbor: int,
+        address: str,
+        *,
+        token: str | None,
+        tls: TlsConfig | None,
+        max_message_bytes: int,
+        metrics: ExchangeMetrics,
+    ) -> PeerClient:
+        """Open the channel to ``neighbor`` at ``address`` (connects lazily).
+
+        Args:
+            rank: this peer (sent in metadata).
+            neighbor: the neighbour's rank.
+            address: its ``host:port``.
+            token: bearer token, or None.
+            tls: TLS material, or None for plaintext.
+            max_message_bytes: largest message sent or received.
+            metrics: collectors of this peer.
+
+        Returns:
+            The client.
+        """
+        options: list[tuple[str, int | str]] = [
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+            *CLIENT_KEEPALIVE_OPTIONS,
+        ]
+        if tls is None:
+            channel = grpc.aio.insecure_channel(address, options=options)
+        else:
+            if tls.server_name_override:
+                options.append(("grpc.ssl_target_name_override", tls.server_name_override))
+            channel = grpc.aio.secure_channel(address, channel_credentials(tls), options=options)
+        return cls(rank, neighbor, address, channel, token, metrics)
+
+    async def close(self) -> None:
+        """Close the channel (in-flight calls are cancelled)."""
+        await self._channel.close()
+
+    async def call_info(self, timeout: float) -> PeerInfo:
+        """The neighbour's :class:`PeerInfo`; waits for the connection up to ``timeout``."""
+        try:
+            response = await self._info(
+                pb.InfoRequest(caller_rank=self.rank),
+                timeout=timeout,
+                metadata=self._metadata,
+                wait_for_ready=True,
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise to_exchange_error(exc, self.neighbor, None, None, "Info") from None
+        return info_from_pb(response)
+
+    async def _stream_range(
+        self,
+        query: FetchQuery,
+        assembler: RangeAssembler,
+        timeout: float,
+        header_seen: asyncio.Future[int] | None = None,
+    ) -> None:
+        call = self._fetch(query_to_pb(query), timeout=timeout, metadata=self._metadata)
+        try:
+            async for message in call:
+                assembler.feed(message)
+                if header_seen is not None and not header_seen.done():
+                    assert assembler.header is not None  # feed() requires the header first
+                    header_seen.set_result(assembler.header.step)
+            assembler.finish()
+        finally:
+            if not call.done():
+                call.cancel()
+
+    async def _fetch_once(
+        self,
+        name: str,
+        step: int,
+        min_step: int,
+        dest: memoryview,
+        expect_like: Expectation,
+        chunk_bytes: int,
+        parallel_streams: int,
+        timeout: float,
+    ) -> tuple[int, int]:
+        total = len(dest)
+        parts = max(1, min(parallel_streams, total // MIN_RANGE_BYTES))
+        ranges = split_ranges(total, parts, chunk_bytes)
+
+        def assembler_for(offset: int, length: int, lo: int, hi: int) -> RangeAssembler:
+            expect = Expectation(
+                sender_rank=self.neighbor,
+                name=name,
+                min_step=lo,
+                step=hi,
+                dtype=expect_like.dtype,
+                shape=expect_like.shape,
+                range_offset=offset,
+                range_length=length,
+                max_chunk_bytes=chunk_bytes,
+            )
+            return RangeAssembler(expect, dest)
+
+        def query_for(offset: int, length: int, lo: int, hi: int) -> FetchQuery:
+            return FetchQuery(self.rank, name, hi, lo, chunk_bytes, offset, length)
+
+        first = assembler_for(*ranges[0], min_step, step)
+        header_seen: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        tasks = [
+            asyncio.ensure_future(
+                self._stream_range(
+                    query_for(*ranges[0], min_step, step), first, timeout, header_seen
+                )
+            )
+        ]
+        assemblers = [first]
+        try:
+            if len(ranges) > 1:
+                # Learn which step is served, then pin the other ranges to that exact step.
+                await asyncio.wait((tasks[0], header_seen), return_when=asyncio.FIRST_COMPLETED)
+                if not header_seen.done():
+                    await tasks[0]  # raises the first stream's error
+                served = header_seen.result()
+                for offset, length in ranges[1:]:
+                    assembler = assembler_for(offset, length, served, served)
+                    assemblers.append(assembler)
+                    query = query_for(offset, length, served, served)
+                    tasks.append(
+                        asyncio.ensure_future(self._stream_range(query, assembler, timeout))
+                    )
+            await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+        verify_checksum(assemblers, name)
+        header = first.header
+        assert header is not None
+        return header.step, sum(a.received_chunks for a in assemblers)
+
+    async def fetch_into(
+        self,
+        name: str,
+        step: int,
+        min_step: int,
+        dest: memoryview,
+        *,
+        dtype: str,
+        shape: tuple[int, ...],
+        chunk_bytes: int,
+        parallel_streams: int,
+        deadline: float,
+        backoff_seconds: float,
+        max_retries: int,
+    ) -> FetchResult:
+        """Fetch the neighbour's ``name`` with step in ``[min_step, step]`` into ``dest``.
+
+        Args:
+            name: vector name.
+            step: newest acceptable step.
+            min_step: oldest acceptable step.
+            dest: writable byte view of the preallocated destination (its full size).
+            dtype: expected wire dtype.
+            shape: expected shape.
+            chunk_bytes: largest chunk accepted.
+            parallel_streams: most concurrent range streams.
+            deadline: ``loop.time()`` by which the fetch must be complete.
+            backoff_seconds: first retry delay after UNAVAILABLE (doubles each retry).
+            max_retries: most retries after UNAVAILABLE.
+
+        Returns:
+            The step served, bytes and chunks received and retries used.
+
+        Raises:
+            ExchangeTimeout, StepEvicted, AuthError, WireError, PeerUnavailable.
+        """
+        loop = asyncio.get_running_loop()
+        like = Expectation(self.neighbor, name, min_step, step, dtype, shape, 0, 0, chunk_bytes)
+        retries = 0
+        while True:
+            timeout = deadline - loop.time()
+            try:
+                if timeout <= 0:
+                    raise ExchangeTimeout(
+                        f"no {name!r} step {step} from peer {self.neighbor} before the deadline",
+                        neighbor=self.neighbor,
+                        name=name,
+                        step=step,
+                    )
+                served, chunks = await self._fetch_once(
+                    name, step, min_step, dest, like, chunk_bytes, parallel_streams, timeout
+                )
+                return FetchResult(served, len(dest), chunks, retries)
+            except grpc.aio.AioRpcError as exc:
+                retry_in = backoff_seconds * (2**retries)
+                if (
+                    exc.code() == grpc.StatusCode.UNAVAILABLE
+                    and retries < max_retries
+                    and loop.time() + retry_in < deadline
+                ):
+                    retries += 1
+                    self.metrics.retried(self.neighbor)
+                    logger.debug("peer %d unavailable, retry %d", self.neighbor, retries)
+                    await asyncio.sleep(retry_in)
+                    continue
+                self.metrics.failed(self.neighbor, exc.code().name)
+                what = f"fetch of {name!r} step {step}"
+                error = to_exchange_error(exc, self.neighbor, name, step, what)
+                if isinstance(error, PeerUnavailable) and loop.time() + retry_in >= deadline:
+                    error = ExchangeTimeout(
+                        f"no {name!r} step {step} from peer {self.neighbor} before the deadline "
+                        f"(unavailable after {retries} retries)",
+                        neighbor=self.neighbor,
+                        name=name,
+                        step=step,
+                    )
+                raise error from None
+            except ExchangeError as exc:
+                code = "DEADLINE_EXCEEDED" if isinstance(exc, ExchangeTimeout) else "DATA_LOSS"
+                self.metrics.failed(self.neighbor, code)
+                raise
+
+    async def call_get_state(self, timeout: float, chunk_bytes: int) -> PeerState:
+        """The neighbour's training state (GetState), validated and unpacked."""
+        call = self._get_state(
+            pb.GetStateRequest(caller_rank=self.rank, max_chunk_bytes=chunk_bytes),
+            timeout=timeout,
+            metadata=self._metadata,
+        )
+        header: StateHeader | None = None
+        payload = bytearray()
+        received_chunks = 0
+
+        def fail(reason: str) -> WireError:
+            return WireError(
+                f"bad GetState stream from peer {self.neighbor}: {reason}", neighbor=self.neighbor
+            )
+
+        try:
+            async for message in call:
+                if isinstance(message, Malformed):
+                    raise fail(message.reason)
+                if isinstance(message, StateHeader):
+                    if header is not None or not 0 < message.chunk_bytes <= chunk_bytes:
+                        raise fail("duplicate header or bad chunk size")
+                    if message.chunk_count != chunk_count(message.total_bytes, message.chunk_bytes):
+                        raise fail(f"chunk count {message.chunk_count}")
+                    header = message
+                    continue
+                if header is None:
+                    raise fail("chunk before the header")
+                if (
+                    len(message) > header.chunk_bytes
+                    or len(payload) + len(message) > header.total_bytes
+                ):
+                    raise fail("oversized stream")
+                payload += message
+                received_chunks += 1
+        except grpc.aio.AioRpcError as exc:
+            raise to_exchange_error(exc, self.neighbor, None, None, "GetState") from None
+        finally:
+            if not call.done():
+                call.cancel()
+        if (
+            header is None
+            or len(payload) != header.total_bytes
+            or received_chunks != header.chunk_count
+        ):
+            raise fail("truncated stream")
+        if crc32(payload) != header.checksum:
+            raise fail("checksum mismatch")
+        return unpack_state(header, payload)

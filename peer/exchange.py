@@ -1,0 +1,336 @@
+"""The gRPC transport behind :class:`peer.comm.Communicator`: :class:`GrpcCommunicator`.
+
+A training script builds it synchronously::
+
+    comm = GrpcCommunicator.start(rank, peers, topology=topo, config=ExchangeConfig(...))
+    comm.wait_for_neighbors(timeout=60)
+    handle = comm.neighbor_average_async("params", flat_params, step)
+    ...  # compute while neighbours' vectors arrive
+    mixed = handle.wait()
+
+``start`` launches a :class:`~peer.server.LoopThread` and, on it, the peer's async core
+(:class:`PeerNode`, built with ``await PeerNode.create(...)``): the gRPC server, the retained
+versions and one :class:`~peer.client.PeerClient` per neighbour. Every public method is
+thread-safe and returns without blocking on the network unless its name says it waits.
+Mixing uses :func:`peer.comm.weighted_sum`, so this transport and the in-memory one agree bit
+for bit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from prometheus_client import CollectorRegistry
+
+from peer.comm import (
+    GLOBAL_PREFIX,
+    Communicator,
+    CompletedHandle,
+    ExchangeStats,
+    Handle,
+    resolve_weights,
+    weighted_sum,
+)
+from peer.errors import ExchangeTimeout, PeerUnavailable
+from peer.metrics import ExchangeMetrics
+from peer.node import ExchangeConfig, PeerNode, Received
+from peer.server import LoopThread
+from peer.store import PeerState, StateProvider, snapshot
+from peer.wire import PeerInfo
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ExchangeConfig", "GrpcCommunicator", "GrpcHandle"]
+
+
+class GrpcHandle(Handle):
+    """A gRPC exchange in flight; ``wait`` mixes with :func:`peer.comm.weighted_sum`."""
+
+    def __init__(
+        self,
+        comm: GrpcCommunicator,
+        name: str,
+        step: int,
+        own: torch.Tensor,
+        self_weight: float,
+        weights: dict[int, float],
+        deadline_seconds: float,
+        future: concurrent.futures.Future[dict[int, Received]],
+        pending: set[int],
+    ) -> None:
+        self._comm = comm
+        self._name = name
+        self._step = step
+        self._own = own
+        self._self_weight = self_weight
+        self._weights = weights
+        self._deadline = time.monotonic() + deadline_seconds
+        self._future = future
+        self._pending = pending
+        self._result: torch.Tensor | None = None
+        self._lock = threading.Lock()
+        self.stats = ExchangeStats()
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def wait(self, timeout: float | None = None) -> torch.Tensor:
+        with self._lock:
+            if self._result is not None:
+                return self._result
+            entered = time.monotonic()
+            # The fetch coroutine raises at its own deadline; the slack lets its error win.
+            budget = self._deadline - entered + 1.0 if timeout is None else timeout
+            try:
+                received = self._future.result(max(0.0, budget))
+            except concurrent.futures.TimeoutError:
+                src = min(self._pending, default=min(self._weights))
+                raise ExchangeTimeout(
+                    f"no {self._name!r} step {self._step} from peer {src} within {budget:.3g} s",
+                    neighbor=src,
+                    name=self._name,
+                    step=self._step,
+                ) from None
+            finally:
+                self._comm.metrics.waited(time.monotonic() - entered)
+            others = {
+                j: r.tensor.to(self._own.device, non_blocking=True) for j, r in received.items()
+            }
+            self._result = weighted_sum(
+                self._own, self._self_weight, others, self._weights, self._comm.rank
+            )
+            for j, r in received.items():
+                self.stats.used_steps[j] = r.step
+                self.stats.latency_seconds[j] = r.latency_seconds
+                self.stats.bytes_received += r.nbytes
+            self.stats.wait_seconds = time.monotonic() - entered
+            return self._result
+
+
+class GrpcCommunicator(Communicator):
+    """One peer's end of the gRPC transport. Build it with :meth:`start`."""
+
+    def __init__(
+        self,
+        rank: int,
+        world_size: int,
+        topology: Any,
+        config: ExchangeConfig,
+        loop_thread: LoopThread,
+        node: PeerNode,
+        metrics: ExchangeMetrics,
+    ) -> None:
+        self.rank = rank
+        self.world_size = world_size
+        self.topology = topology
+        self.config = config
+        self.metrics = metrics
+        self._loop_thread = loop_thread
+        self._node = node
+        self._closed = False
+
+    @classmethod
+    def start(
+        cls,
+        rank: int,
+        peers: Mapping[int, str],
+        *,
+        topology: Any = None,
+        config: ExchangeConfig | None = None,
+        bind: str = "127.0.0.1:0",
+        world_size: int | None = None,
+        registry: CollectorRegistry | None = None,
+    ) -> GrpcCommunicator:
+        """Start the loop thread and the server, and open channels to ``peers``.
+
+        Args:
+            rank: this peer.
+            peers: ``{rank: "host:port"}`` of the other peers (may include this one; may be
+                empty and filled later with :meth:`update_peers`).
+            topology: object with ``view(rank, step)`` and ``period`` (``topology.Topology``),
+                or None when every call passes explicit weights.
+            config: exchange configuration (defaults if None).
+            bind: address the server listens on; port 0 picks a free port (see :attr:`port`).
+            world_size: number of peers; defaults to ``max(peers) + 1``.
+            registry: Prometheus registry for this peer's metrics (a fresh one if None).
+
+        Returns:
+            The running communicator.
+        """
+        config = config or ExchangeConfig()
+        world_size = world_size or max([rank, *peers]) + 1
+        metrics = ExchangeMetrics(registry or CollectorRegistry(), rank)
+        loop_thread = LoopThread(f"decentlam-peer-{rank}")
+        try:
+            node = loop_thread.run(
+                PeerNode.create(rank, world_size, topology, config, bind, metrics),
+                config.connect_deadline_seconds,
+            )
+            loop_thread.run(node.set_peers(peers), config.connect_deadline_seconds)
+        except BaseException:
+            loop_thread.stop()
+            raise
+        logger.info("peer %d serving on port %d", rank, node.port)
+        return cls(rank, world_size, topology, config, loop_thread, node, metrics)
+
+    @property
+    def port(self) -> int:
+        """The port the server is bound to."""
+        return self._node.port
+
+    @property
+    def address(self) -> str:
+        """``host:port`` neighbours can dial (the bind host with the bound port)."""
+        return f"127.0.0.1:{self.port}"
+
+    def update_peers(self, peers: Mapping[int, str]) -> None:
+        """Set or change neighbours' addresses (channels to moved peers are replaced)."""
+        self._loop_thread.run(self._node.set_peers(peers), self.config.connect_deadline_seconds)
+
+    def set_current_step(self, step: int) -> None:
+        """Step reported by Info."""
+        self._node.served.current_step = int(step)
+
+    def set_state_provider(self, provider: StateProvider | None) -> None:
+        """Register the GetState callback: ``() -> (step, bytes | {name: tensor})``.
+
+        It runs in a worker thread of the server; it must snapshot what it returns.
+        """
+        self._node.served.state_provider = provider
+
+    def retained_steps(self, name: str) -> list[int]:
+        """Steps of ``name`` this peer still retains (oldest first)."""
+
+        async def steps() -> list[int]:
+            return self._node.served.store.retained_steps().get(name, [])
+
+        return self._loop_thread.run(steps(), self.config.connect_deadline_seconds)
+
+    def publish(self, name: str, tensor: torch.Tensor, step: int) -> torch.Tensor:
+        """Publish ``tensor`` as ``(name, step)`` without fetching; returns the snapshot."""
+        own, version = snapshot(tensor, name, step)
+        self._loop_thread.loop.call_soon_threadsafe(self._node.served.store.insert, version)
+        return own
+
+    def neighbor_average_async(
+        self,
+        name: str,
+        tensor: torch.Tensor,
+        step: int,
+        self_weight: float | None = None,
+        src_weights: Mapping[int, float] | None = None,
+        *,
+        max_staleness: int = 0,
+    ) -> Handle:
+        if max_staleness < 0:
+            raise ValueError(f"max_staleness must be >= 0, got {max_staleness}")
+        if self._closed:
+            raise RuntimeError("communicator is closed")
+        weight, weights = resolve_weights(self.topology, self.rank, step, self_weight, src_weights)
+        own = self.publish(name, tensor, step)
+        if not weights:
+            return CompletedHandle(own.mul(weight))
+        deadline_seconds = self.config.fetch_deadline_seconds
+        pending = set(weights)
+        future = self._loop_thread.submit(
+            self._node.exchange(
+                name, step, step - max_staleness, own, sorted(weights), deadline_seconds, pending
+            )
+        )
+        return GrpcHandle(self, name, step, own, weight, weights, deadline_seconds, future, pending)
+
+    def global_average_async(self, name: str, tensor: torch.Tensor, step: int) -> Handle:
+        n = self.world_size
+        others = {j: 1.0 / n for j in range(n) if j != self.rank}
+        return self.neighbor_average_async(GLOBAL_PREFIX + name, tensor, step, 1.0 / n, others)
+
+    def fetch(
+        self,
+        src: int,
+        name: str,
+        step: int,
+        like: torch.Tensor,
+        *,
+        max_staleness: int = 0,
+        timeout: float | None = None,
+    ) -> tuple[int, torch.Tensor]:
+        """Fetch one neighbour's version of ``name`` (blocking; no publish, no mixing).
+
+        Args:
+            src: the neighbour.
+            name: vector name.
+            step: newest acceptable step.
+            like: tensor with the expected shape and dtype (and destination device kind).
+            max_staleness: accept steps ``[step - max_staleness, step]``.
+            timeout: deadline in seconds (default: ``fetch_deadline_seconds``).
+
+        Returns:
+            ``(step_served, tensor)``.
+        """
+        seconds = self.config.fetch_deadline_seconds if timeout is None else timeout
+
+        async def one() -> Received:
+            deadline = asyncio.get_running_loop().time() + seconds
+            return await self._node.fetch(src, name, step, step - max_staleness, like, deadline)
+
+        received = self._loop_thread.run(one(), seconds + 1.0)
+        return received.step, received.tensor
+
+    def wait_for_neighbors(self, timeout: float) -> dict[int, PeerInfo]:
+        """Call Info on every known neighbour until all answer or ``timeout`` passes.
+
+        Returns:
+            ``{rank: PeerInfo}`` of every neighbour.
+
+        Raises:
+            PeerUnavailable: naming every neighbour that did not answer in time.
+        """
+
+        async def probe_all() -> dict[int, PeerInfo | BaseException]:
+            ranks = sorted(self._node.clients)
+            results = await asyncio.gather(
+                *(self._node.clients[r].call_info(timeout) for r in ranks), return_exceptions=True
+            )
+            return dict(zip(ranks, results, strict=True))
+
+        results = self._loop_thread.run(probe_all(), timeout + 1.0)
+        failed = {r: e for r, e in results.items() if isinstance(e, BaseException)}
+        if failed:
+            names = ", ".join(
+                f"{r} at {self._node.clients[r].address} ({e})" for r, e in sorted(failed.items())
+            )
+            raise PeerUnavailable(f"peer {self.rank}: neighbours unreachable: {names}")
+        return {r: info for r, info in results.items() if isinstance(info, PeerInfo)}
+
+    def fetch_state(self, rank: int, timeout: float) -> PeerState:
+        """Fetch peer ``rank``'s training state (GetState) for rejoining.
+
+        Raises:
+            ExchangeError: FAILED_PRECONDITION (no provider there) and other failures.
+        """
+        client = self._node.client(rank, "state", 0)
+        return self._loop_thread.run(
+            client.call_get_state(timeout, self.config.chunk_bytes), timeout + 1.0
+        )
+
+    def close(self) -> None:
+        """Stop the server (grace period), close channels and stop the loop; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._loop_thread.alive:
+            try:
+                self._loop_thread.run(
+                    self._node.close(),
+                    self.config.close_grace_seconds + self.config.connect_deadline_seconds,
+                )
+            except Exception:  # a failed shutdown must not prevent stopping the thread
+                logger.exception("peer %d: error while closing", self.rank)
+        self._loop_thread.stop()

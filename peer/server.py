@@ -1,0 +1,334 @@
+"""The gRPC side of a peer: the ``decentlam.v1.Peer`` servicer, its server and its loop thread.
+
+The servicer is thin (STYLE.md): it turns protobuf requests into :mod:`peer.wire` domain
+objects, asks the :class:`~peer.store.VersionStore` and the :class:`~peer.security.ReadPolicy`,
+and streams the answer back. Fetch chunks bypass protobuf serialization: they are pre-encoded
+from memoryview slices of the retained snapshot (:func:`peer.wire.encode_chunk`) and the
+response serializer passes bytes through.
+
+The server runs on a :class:`LoopThread`, a background thread with its own asyncio event loop,
+so the peer's plain synchronous training loop is never blocked and never async.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Coroutine
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import grpc
+
+from peer.errors import StepEvicted, WireError
+from peer.framing import chunk_count, crc32, iter_chunks
+from peer.metrics import ExchangeMetrics
+from peer.proto.decentlam.v1 import peer_pb2 as pb
+from peer.security import AuthInterceptor, ReadPolicy, TlsConfig, caller_rank, server_credentials
+from peer.store import StateProvider, VersionStore, pack_state
+from peer.throttle import BandwidthLimiter
+from peer.wire import (
+    PeerInfo,
+    StateHeader,
+    VersionHeader,
+    encode_chunk,
+    header_to_pb,
+    info_to_pb,
+    query_from_pb,
+    serialize_message,
+    state_header_to_pb,
+)
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = "decentlam.v1.Peer"
+OLDEST_STEP_KEY = "x-decentlam-oldest-step"
+# The server lets clients ping every 10 s without data; clients ping every 20 s (client.py), so
+# neighbours never earn a GOAWAY "too_many_pings".
+SERVER_MIN_PING_INTERVAL_MS = 10_000
+SERVER_KEEPALIVE_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", SERVER_MIN_PING_INTERVAL_MS),
+    ("grpc.http2.max_ping_strikes", 2),
+)
+
+T = TypeVar("T")
+
+
+@dataclass
+class ServedPeer:
+    """Everything the servicer serves from, owned by the peer's node.
+
+    Attributes:
+        rank: this peer.
+        world_size: number of peers in the run.
+        store: retained versions.
+        policy: who may read what.
+        limiter: bandwidth cap on chunk sends.
+        metrics: collectors.
+        chunk_bytes: default chunk size.
+        default_wait_seconds: longest wait for a step when the request has no deadline.
+        manifest_digest: digest of the run manifest (Info).
+        software_version: decentlam version (Info).
+        current_step: last step reported by the training loop (Info).
+        state_provider: GetState callback, or None.
+    """
+
+    rank: int
+    world_size: int
+    store: VersionStore
+    policy: ReadPolicy
+    limiter: BandwidthLimiter
+    metrics: ExchangeMetrics
+    chunk_bytes: int
+    default_wait_seconds: float
+    manifest_digest: str = ""
+    software_version: str = ""
+    current_step: int = 0
+    state_provider: StateProvider | None = field(default=None, repr=False)
+
+
+class PeerServicer:
+    """Handlers of ``decentlam.v1.Peer`` (``rpc_*``) over a :class:`ServedPeer`."""
+
+    def __init__(self, peer: ServedPeer) -> None:
+        self.peer = peer
+
+    def _chunk_bytes(self, requested: int) -> int:
+        return min(requested, self.peer.chunk_bytes) if requested > 0 else self.peer.chunk_bytes
+
+    async def rpc_fetch(
+        self, request: pb.FetchRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[bytes | pb.FetchResponse]:
+        """Stream the freshest retained version in ``[min_step, step]``: header, then chunks."""
+        started = time.perf_counter()
+        peer = self.peer
+        caller = caller_rank(context.invocation_metadata())
+        try:
+            query = query_from_pb(request)
+        except WireError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if (
+            caller is None
+            or query.caller_rank != caller
+            or not peer.policy.may_read(caller, query.name)
+        ):
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"peer {caller} may not read {query.name!r} from peer {peer.rank}",
+            )
+        remaining = context.time_remaining()
+        wait_seconds = peer.default_wait_seconds if remaining is None else remaining
+        try:
+            version = await peer.store.wait_for(
+                query.name, query.step, query.min_step, wait_seconds
+            )
+        except StepEvicted as exc:
+            context.set_trailing_metadata(((OLDEST_STEP_KEY, str(exc.oldest_step)),))
+            await context.abort(grpc.StatusCode.OUT_OF_RANGE, f"peer {peer.rank}: {exc}")
+        except TimeoutError:
+            await context.abort(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"peer {peer.rank} published no {query.name!r} in steps "
+                f"[{query.min_step}, {query.step}] within {wait_seconds:.3g} s",
+            )
+        total = version.total_bytes
+        offset = query.range_offset
+        length = query.range_length or max(0, total - offset)
+        if offset + length > total or (offset >= total and total > 0):
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"range {offset}+{length} outside the {total}-byte payload of {query.name!r}",
+            )
+        chunk_bytes = self._chunk_bytes(query.max_chunk_bytes)
+        await version.wait_ready()
+        header = VersionHeader(
+            sender_rank=peer.rank,
+            step=version.step,
+            name=version.name,
+            dtype=version.dtype,
+            shape=version.shape,
+            total_bytes=total,
+            checksum=await version.checksum(),
+            range_offset=offset,
+            range_length=length,
+            chunk_count=chunk_count(length, chunk_bytes),
+            chunk_bytes=chunk_bytes,
+        )
+        yield header_to_pb(header)
+        limiter = None if peer.limiter.unlimited else peer.limiter
+        for piece in iter_chunks(version.payload[offset : offset + length], chunk_bytes):
+            if limiter is not None:
+                await limiter.acquire(len(piece))
+            yield encode_chunk(piece)
+        peer.metrics.served(caller, length, header.chunk_count)
+        peer.metrics.handled("Fetch", time.perf_counter() - started)
+
+    async def rpc_info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> Any:
+        """Identity and health of this peer."""
+        started = time.perf_counter()
+        peer = self.peer
+        info = PeerInfo(
+            rank=peer.rank,
+            current_step=peer.current_step,
+            manifest_digest=peer.manifest_digest,
+            software_version=peer.software_version,
+            world_size=peer.world_size,
+            retained=peer.store.retained_steps(),
+            state_available=peer.state_provider is not None,
+        )
+        peer.metrics.handled("Info", time.perf_counter() - started)
+        return info_to_pb(info)
+
+    async def rpc_get_state(
+        self, request: pb.GetStateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[bytes | pb.GetStateResponse]:
+        """Stream the state returned by the registered provider: header, then chunks."""
+        started = time.perf_counter()
+        peer = self.peer
+        provider = peer.state_provider
+        if provider is None:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"peer {peer.rank} has no state provider registered "
+                "(the training loop must call set_state_provider first)",
+            )
+        step, state = await asyncio.to_thread(provider)
+        is_blob, entries, payload = await asyncio.to_thread(pack_state, state)
+        chunk_bytes = self._chunk_bytes(request.max_chunk_bytes)
+        header = StateHeader(
+            sender_rank=peer.rank,
+            step=int(step),
+            is_blob=is_blob,
+            entries=entries,
+            total_bytes=len(payload),
+            checksum=await asyncio.to_thread(crc32, payload),
+            chunk_count=chunk_count(len(payload), chunk_bytes),
+            chunk_bytes=chunk_bytes,
+        )
+        yield state_header_to_pb(header)
+        for piece in iter_chunks(payload, chunk_bytes):
+            await peer.limiter.acquire(len(piece))
+            yield encode_chunk(piece)
+        peer.metrics.handled("GetState", time.perf_counter() - started)
+
+    def generic_handler(self) -> grpc.GenericRpcHandler:
+        """Method handlers of the service, with the pass-through chunk serializer."""
+        return grpc.method_handlers_generic_handler(
+            SERVICE_NAME,
+            {
+                "Fetch": grpc.unary_stream_rpc_method_handler(
+                    self.rpc_fetch,
+                    request_deserializer=pb.FetchRequest.FromString,
+                    response_serializer=serialize_message,
+                ),
+                "Info": grpc.unary_unary_rpc_method_handler(
+                    self.rpc_info,
+                    request_deserializer=pb.InfoRequest.FromString,
+                    response_serializer=pb.InfoResponse.SerializeToString,
+                ),
+                "GetState": grpc.unary_stream_rpc_method_handler(
+                    self.rpc_get_state,
+                    request_deserializer=pb.GetStateRequest.FromString,
+                    response_serializer=serialize_message,
+                ),
+            },
+        )
+
+
+def create_server(
+    servicer: PeerServicer,
+    bind: str,
+    *,
+    token: str | None = None,
+    tls: TlsConfig | None = None,
+    max_message_bytes: int = 64 << 20,
+) -> tuple[grpc.aio.Server, int]:
+    """Build the peer's gRPC server (unstarted); call from the event loop it will run on.
+
+    Args:
+        servicer: the handlers.
+        bind: ``host:port`` to listen on; port 0 picks a free port.
+        token: bearer token every request must carry (None: no token check).
+        tls: TLS material; None serves plaintext.
+        max_message_bytes: largest message sent or received.
+
+    Returns:
+        ``(server, port)``: the unstarted server and the port it is bound to.
+    """
+    options = [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.so_reuseport", 0),
+        *SERVER_KEEPALIVE_OPTIONS,
+    ]
+    server = grpc.aio.server(
+        interceptors=[AuthInterceptor(token, servicer.peer.policy)], options=options
+    )
+    server.add_generic_rpc_handlers((servicer.generic_handler(),))
+    if tls is None:
+        port = server.add_insecure_port(bind)
+    else:
+        port = server.add_secure_port(bind, server_credentials(tls))
+    if port == 0:
+        raise OSError(f"could not bind the peer server to {bind}")
+    return server, port
+
+
+class LoopThread:
+    """A daemon thread running its own asyncio event loop.
+
+    Args:
+        name: thread name (shows in stack dumps).
+    """
+
+    def __init__(self, name: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_forever()
+        finally:
+            pending = [t for t in asyncio.all_tasks(self.loop) if not t.done()]
+            for task in pending:
+                task.cancel()
+            self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            self.loop.run_until_complete(self.loop.shutdown_asyncgens())
+            self.loop.run_until_complete(self.loop.shutdown_default_executor())
+            self.loop.close()
+
+    @property
+    def alive(self) -> bool:
+        """Whether the loop thread is still running."""
+        return self._thread.is_alive()
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        """Schedule ``coro`` on the loop from any thread."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float) -> T:
+        """Run ``coro`` on the loop and wait for its result (at most ``timeout`` seconds)."""
+        future = self.submit(coro)
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise TimeoutError(f"loop call did not finish within {timeout:.3g} s") from None
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the loop (cancelling what still runs) and join the thread; idempotent."""
+        if self._thread.is_alive():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                logger.warning(
+                    "loop thread %s did not stop within %.3g s", self._thread.name, timeout
+                )

@@ -1,0 +1,262 @@
+"""Retained versions of the vectors a peer publishes, and its state snapshots for GetState.
+
+A published vector is snapshotted once (:func:`snapshot`) in the training thread and then
+served to every neighbour from that snapshot, chunk by chunk, as memoryview slices: no request
+copies the whole vector. For a CUDA tensor the snapshot is ONE device-to-host copy per published
+version into a pinned buffer, issued on a side CUDA stream and fenced by an event; the CPU path is
+the same code with that copy skipped (the device clone is the host buffer).
+
+:class:`VersionStore` lives on the server's event loop. It keeps the last ``retained_versions``
+steps per name, wakes waiting requests through an :class:`asyncio.Event` (no polling), and
+answers lookups with the peer.comm staleness semantics: exact step preferred, else the freshest
+retained step in ``[min_step, step]``, else :class:`~peer.errors.StepEvicted` when the step is
+older than the oldest retained one, else "not yet" (wait).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from peer.errors import StepEvicted, WireError
+from peer.framing import crc32
+from peer.wire import StateEntry, StateHeader, dtype_name, parse_dtype
+
+logger = logging.getLogger(__name__)
+
+_side_streams: dict[int, torch.cuda.Stream] = {}
+
+
+def byte_view(tensor: torch.Tensor) -> memoryview:
+    """Zero-copy byte view of a contiguous CPU tensor."""
+    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _side_streams:
+        _side_streams[index] = torch.cuda.Stream(device=index)
+    return _side_streams[index]
+
+
+@dataclass(eq=False)
+class Version:
+    """One published, immutable version of a named vector.
+
+    Attributes:
+        name: vector name.
+        step: step it was published for.
+        dtype: wire dtype name.
+        shape: tensor shape.
+        host: contiguous CPU tensor holding the payload (pinned for CUDA sources).
+        payload: byte view of ``host``; served in slices.
+        ready: CUDA event marking the end of the device-to-host copy (None on CPU).
+    """
+
+    name: str
+    step: int
+    dtype: str
+    shape: tuple[int, ...]
+    host: torch.Tensor
+    payload: memoryview
+    ready: torch.cuda.Event | None = None
+    _checksum: asyncio.Future[int] | None = field(default=None, repr=False)
+
+    @property
+    def total_bytes(self) -> int:
+        """Payload size in bytes."""
+        return len(self.payload)
+
+    async def wait_ready(self) -> None:
+        """Wait (off the event loop thread) for the device-to-host copy, if any."""
+        if self.ready is not None and not self.ready.query():
+            await asyncio.to_thread(self.ready.synchronize)
+
+    def checksum(self) -> asyncio.Future[int]:
+        """CRC-32 of the payload, computed once in a worker thread (zlib releases the GIL)."""
+        if self._checksum is None:
+            self._checksum = asyncio.ensure_future(self._compute_checksum())
+        return self._checksum
+
+    async def _compute_checksum(self) -> int:
+        await self.wait_ready()
+        return await asyncio.to_thread(crc32, self.payload)
+
+
+def snapshot(tensor: torch.Tensor, name: str, step: int) -> tuple[torch.Tensor, Version]:
+    """Snapshot ``tensor`` for publishing; safe to mutate ``tensor`` right after.
+
+    Args:
+        tensor: the vector (any device, any layout).
+        name: its name.
+        step: its step.
+
+    Returns:
+        ``(own, version)``: ``own`` is a contiguous clone on the tensor's device (the peer's own
+        term of the average); ``version`` holds the host copy that neighbours are served from.
+    """
+    own = tensor.detach().clone(memory_format=torch.contiguous_format)
+    ready = None
+    if own.is_cuda:
+        host = torch.empty(own.shape, dtype=own.dtype, pin_memory=True)
+        side = _side_stream(own.device)
+        side.wait_stream(torch.cuda.current_stream(own.device))
+        with torch.cuda.stream(side):
+            host.copy_(own, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record(side)
+        own.record_stream(side)  # keep `own` alive for the side stream's copy
+    else:
+        host = own
+    version = Version(name, step, dtype_name(own.dtype), tuple(own.shape), host, byte_view(host))
+    version.ready = ready
+    return own, version
+
+
+class VersionStore:
+    """Last ``retained_versions`` versions per name; lives on one event loop.
+
+    Args:
+        retained_versions: versions kept per name (K >= 1).
+    """
+
+    def __init__(self, retained_versions: int) -> None:
+        if retained_versions < 1:
+            raise ValueError(f"retained_versions must be >= 1, got {retained_versions}")
+        self.retained_versions = retained_versions
+        self._versions: dict[str, OrderedDict[int, Version]] = {}
+        # Set (and replaced by a fresh one) on every insert: waiters re-check on each wake-up.
+        self._published = asyncio.Event()
+
+    def insert(self, version: Version) -> None:
+        """Retain ``version`` (evicting the oldest beyond K) and wake waiting requests."""
+        retained = self._versions.setdefault(version.name, OrderedDict())
+        retained[version.step] = version
+        retained.move_to_end(version.step)
+        while len(retained) > self.retained_versions:
+            retained.popitem(last=False)
+        version.checksum()  # start it now so that it is ready when neighbours ask
+        published, self._published = self._published, asyncio.Event()
+        published.set()
+
+    def lookup(self, name: str, step: int, min_step: int) -> Version | None:
+        """Freshest retained version with step in ``[min_step, step]``, or None if not yet.
+
+        Raises:
+            StepEvicted: ``step`` is older than the oldest retained step of ``name``.
+        """
+        retained = self._versions.get(name)
+        if not retained:
+            return None
+        if step in retained:
+            return retained[step]
+        acceptable = [s for s in retained if min_step <= s <= step]
+        if acceptable:
+            return retained[max(acceptable)]
+        oldest = next(iter(retained))
+        if oldest > step:
+            raise StepEvicted(
+                f"{name!r} step {step} is no longer retained (oldest retained: {oldest})",
+                name=name,
+                step=step,
+                oldest_step=oldest,
+            )
+        return None
+
+    async def wait_for(self, name: str, step: int, min_step: int, timeout: float) -> Version:
+        """Wait up to ``timeout`` seconds for an acceptable version (see :meth:`lookup`).
+
+        Raises:
+            TimeoutError: none was published in time.
+            StepEvicted: the step is already evicted.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            found = self.lookup(name, step, min_step)
+            if found is not None:
+                return found
+            # No await between the lookup and taking the event: an insert cannot slip between.
+            await asyncio.wait_for(self._published.wait(), timeout=max(0.0, deadline - loop.time()))
+
+    def retained_steps(self) -> dict[str, list[int]]:
+        """Retained steps per name, oldest first."""
+        return {name: list(steps) for name, steps in self._versions.items()}
+
+    def retained_count(self) -> int:
+        """Total number of retained versions (bounded by K times the number of names)."""
+        return sum(len(steps) for steps in self._versions.values())
+
+
+StateLike = bytes | Mapping[str, torch.Tensor]
+StateProvider = Callable[[], tuple[int, StateLike]]
+
+
+@dataclass
+class PeerState:
+    """A peer's training state as received by :meth:`GrpcCommunicator.fetch_state`.
+
+    Attributes:
+        step: training step of the state.
+        blob: the opaque payload, when the provider returned bytes.
+        tensors: the named tensors, when the provider returned a mapping.
+    """
+
+    step: int
+    blob: bytes | None = None
+    tensors: dict[str, torch.Tensor] | None = None
+
+
+def pack_state(state: StateLike) -> tuple[bool, tuple[StateEntry, ...], memoryview]:
+    """Lay a provider's state out as one payload.
+
+    Returns:
+        ``(is_blob, entries, payload)``: tensors go back to back in mapping order.
+    """
+    if isinstance(state, bytes | bytearray | memoryview):
+        return True, (), memoryview(bytes(state))
+    entries, parts, offset = [], [], 0
+    for name, tensor in state.items():
+        host = tensor.detach().to("cpu").contiguous()
+        view = byte_view(host)
+        entries.append(
+            StateEntry(name, dtype_name(host.dtype), tuple(host.shape), offset, len(view))
+        )
+        parts.append(view)
+        offset += len(view)
+    return False, tuple(entries), memoryview(b"".join(parts))
+
+
+def unpack_state(header: StateHeader, payload: bytearray) -> PeerState:
+    """Rebuild a :class:`PeerState` from a validated payload; WireError on a bad layout."""
+    if header.is_blob:
+        return PeerState(step=header.step, blob=bytes(payload))
+    tensors: dict[str, torch.Tensor] = {}
+    for entry in header.entries:
+        dtype = parse_dtype(entry.dtype)
+        numel = 1
+        for size in entry.shape:
+            numel *= size
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        end = entry.offset + entry.length
+        if (
+            numel * itemsize != entry.length
+            or end > len(payload)
+            or min(entry.shape, default=0) < 0
+        ):
+            raise WireError(f"state entry {entry.name!r} does not fit the payload")
+        raw = torch.empty(0, dtype=torch.uint8)
+        if entry.length:  # frombuffer refuses count=0
+            raw = torch.frombuffer(
+                payload, dtype=torch.uint8, count=entry.length, offset=entry.offset
+            )
+            raw = (
+                raw.clone()
+            )  # own the memory: the payload buffer is reused by nobody, but stay safe
+        tensors[entry.name] = raw.view(dtype).reshape(entry.shape)
+    return PeerState(step=header.step, tensors=tensors)

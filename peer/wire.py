@@ -1,0 +1,461 @@
+"""Protobuf <-> domain conversion, chunk framing, checksums and stream validation.
+
+This module and the gRPC server/client are the only ones that import the generated
+``*_pb2`` code. Everything else sees plain dataclasses (:class:`FetchQuery`,
+:class:`VersionHeader`, :class:`PeerInfo`, :class:`PeerState`).
+
+Chunk messages bypass protobuf on the hot path: a ``FetchResponse``/``GetStateResponse`` whose
+only field is ``bytes chunk = 2`` is, on the wire, the tag byte ``0x12``, a varint length and the
+payload. :func:`encode_chunk` writes exactly that from a memoryview slice of the retained
+snapshot (one copy into the message bytes), and :func:`decode_fetch_response` recognises it and
+returns a memoryview of the payload without a protobuf parse (which would copy it again). Any
+other message goes through the generated protobuf code, so the stream stays valid protobuf for
+every other client.
+
+Checksums are zlib CRC-32 of the whole payload, computed once per published version. A receiver
+fetching the payload as several byte ranges in parallel checksums each range as it arrives and
+folds the range CRCs together with :func:`crc32_combine`.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+from google.protobuf.message import DecodeError
+
+from peer.errors import WireError
+from peer.framing import chunk_count, crc32_combine
+from peer.proto.decentlam.v1 import peer_pb2 as pb
+
+logger = logging.getLogger(__name__)
+
+CHUNK_TAG = 0x12  # field 2 (`chunk`), wire type 2 (length-delimited)
+CHECKSUM_CRC32 = pb.CHECKSUM_KIND_CRC32
+STATE_BLOB = pb.STATE_KIND_BLOB
+STATE_TENSORS = pb.STATE_KIND_TENSORS
+
+_DTYPES: dict[str, torch.dtype] = {
+    str(dtype).removeprefix("torch."): dtype
+    for dtype in (
+        torch.float64,
+        torch.float32,
+        torch.float16,
+        torch.bfloat16,
+        torch.int64,
+        torch.int32,
+        torch.int16,
+        torch.int8,
+        torch.uint8,
+        torch.bool,
+    )
+}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """Wire name of a torch dtype (``torch.float32`` -> ``"float32"``)."""
+    return str(dtype).removeprefix("torch.")
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """Torch dtype of a wire name; raises :class:`WireError` for an unknown one."""
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise WireError(f"unsupported dtype {name!r} on the wire") from None
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def encode_chunk(payload: memoryview) -> bytes:
+    """Serialized ``{chunk: payload}`` message, built straight from a buffer slice."""
+    return b"".join((bytes((CHUNK_TAG,)), _varint(len(payload)), payload))
+
+
+def serialize_message(message: object) -> bytes:
+    """Response serializer: pre-encoded chunks pass through, protobuf messages serialize."""
+    if isinstance(message, bytes):
+        return message
+    return message.SerializeToString()  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True)
+class Malformed:
+    """A message that could not be decoded; the assembler turns it into a :class:`WireError`."""
+
+    reason: str
+
+
+def _fast_chunk(data: bytes) -> memoryview | None:
+    if len(data) < 2 or data[0] != CHUNK_TAG:
+        return None
+    length, shift, pos = 0, 0, 1
+    while pos < len(data) and pos < 11:
+        byte = data[pos]
+        length |= (byte & 0x7F) << shift
+        pos += 1
+        if not byte & 0x80:
+            return memoryview(data)[pos:] if pos + length == len(data) else None
+        shift += 7
+    return None
+
+
+@dataclass(frozen=True)
+class FetchQuery:
+    """A Fetch request: the freshest version of ``name`` with step in ``[min_step, step]``."""
+
+    caller_rank: int
+    name: str
+    step: int
+    min_step: int
+    max_chunk_bytes: int = 0
+    range_offset: int = 0
+    range_length: int = 0
+
+
+def query_to_pb(query: FetchQuery) -> pb.FetchRequest:
+    """Protobuf form of a :class:`FetchQuery`."""
+    return pb.FetchRequest(
+        caller_rank=query.caller_rank,
+        name=query.name,
+        step=query.step,
+        min_step=query.min_step,
+        max_chunk_bytes=query.max_chunk_bytes,
+        range_offset=query.range_offset,
+        range_length=query.range_length,
+    )
+
+
+def query_from_pb(request: pb.FetchRequest) -> FetchQuery:
+    """Domain form of a ``FetchRequest``; raises :class:`WireError` for an impossible one."""
+    if not request.name:
+        raise WireError("fetch request without a vector name")
+    if request.min_step > request.step:
+        raise WireError(f"min_step {request.min_step} is after step {request.step}")
+    return FetchQuery(
+        caller_rank=request.caller_rank,
+        name=request.name,
+        step=request.step,
+        min_step=request.min_step,
+        max_chunk_bytes=request.max_chunk_bytes,
+        range_offset=request.range_offset,
+        range_length=request.range_length,
+    )
+
+
+@dataclass(frozen=True)
+class VersionHeader:
+    """Domain form of ``FetchHeader``: the version served and the chunks that follow."""
+
+    sender_rank: int
+    step: int
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    total_bytes: int
+    checksum: int
+    range_offset: int
+    range_length: int
+    chunk_count: int
+    chunk_bytes: int
+
+
+def header_to_pb(header: VersionHeader) -> pb.FetchResponse:
+    """The first message of a Fetch stream."""
+    return pb.FetchResponse(
+        header=pb.FetchHeader(
+            sender_rank=header.sender_rank,
+            step=header.step,
+            name=header.name,
+            dtype=header.dtype,
+            shape=list(header.shape),
+            total_bytes=header.total_bytes,
+            checksum_kind=CHECKSUM_CRC32,
+            checksum=header.checksum,
+            range_offset=header.range_offset,
+            range_length=header.range_length,
+            chunk_count=header.chunk_count,
+            chunk_bytes=header.chunk_bytes,
+        )
+    )
+
+
+def decode_fetch_response(data: bytes) -> VersionHeader | memoryview | Malformed:
+    """Response deserializer of Fetch: a header, a chunk payload, or :class:`Malformed`.
+
+    Never raises: gRPC would turn a deserializer exception into an opaque INTERNAL status.
+    """
+    chunk = _fast_chunk(data)
+    if chunk is not None:
+        return chunk
+    try:
+        message = pb.FetchResponse.FromString(data)
+    except (DecodeError, ValueError) as exc:
+        return Malformed(f"undecodable Fetch message ({exc})")
+    kind = message.WhichOneof("payload")
+    if kind == "chunk":
+        return memoryview(message.chunk)
+    if kind != "header":
+        return Malformed("Fetch message with neither header nor chunk")
+    h = message.header
+    if h.checksum_kind != CHECKSUM_CRC32:
+        return Malformed(f"unsupported checksum kind {h.checksum_kind}")
+    return VersionHeader(
+        sender_rank=h.sender_rank,
+        step=h.step,
+        name=h.name,
+        dtype=h.dtype,
+        shape=tuple(h.shape),
+        total_bytes=h.total_bytes,
+        checksum=h.checksum,
+        range_offset=h.range_offset,
+        range_length=h.range_length,
+        chunk_count=h.chunk_count,
+        chunk_bytes=h.chunk_bytes,
+    )
+
+
+@dataclass(frozen=True)
+class Expectation:
+    """What a receiver expects of one Fetch stream, checked message by message."""
+
+    sender_rank: int
+    name: str
+    min_step: int
+    step: int
+    dtype: str
+    shape: tuple[int, ...]
+    range_offset: int
+    range_length: int
+    max_chunk_bytes: int
+
+
+@dataclass
+class RangeAssembler:
+    """Validates one Fetch stream and writes its chunks into a preallocated buffer.
+
+    Args:
+        expect: the request's expectations (sender, name, step window, dtype, shape, range).
+        dest: byte view of the WHOLE destination buffer; chunks land at their range offset.
+    """
+
+    expect: Expectation
+    dest: memoryview
+    header: VersionHeader | None = None
+    received_bytes: int = 0
+    received_chunks: int = 0
+    range_crc: int = 0
+    _cursor: int = field(default=0, repr=False)
+
+    def _fail(self, reason: str) -> WireError:
+        e = self.expect
+        return WireError(
+            f"bad Fetch stream from peer {e.sender_rank} for {e.name!r} step {e.step}: {reason}",
+            neighbor=e.sender_rank,
+            name=e.name,
+            step=e.step,
+        )
+
+    def feed(self, message: VersionHeader | memoryview | Malformed) -> None:
+        """Consume one decoded message; raises :class:`WireError` on anything unexpected."""
+        if isinstance(message, Malformed):
+            raise self._fail(message.reason)
+        if isinstance(message, VersionHeader):
+            if self.header is not None:
+                raise self._fail("second header in one stream")
+            self._check_header(message)
+            self.header = message
+            self._cursor = self.expect.range_offset
+            return
+        if self.header is None:
+            raise self._fail("chunk before the header")
+        size = len(message)
+        if size == 0 or size > self.header.chunk_bytes:
+            raise self._fail(f"chunk of {size} bytes (chunk size {self.header.chunk_bytes})")
+        if self.received_bytes + size > self.expect.range_length:
+            raise self._fail(f"oversized stream: more than {self.expect.range_length} bytes")
+        self.dest[self._cursor : self._cursor + size] = message
+        self.range_crc = zlib.crc32(message, self.range_crc)
+        self._cursor += size
+        self.received_bytes += size
+        self.received_chunks += 1
+
+    def _check_header(self, h: VersionHeader) -> None:
+        e = self.expect
+        problems = []
+        if h.sender_rank != e.sender_rank:
+            problems.append(f"sender rank {h.sender_rank}")
+        if h.name != e.name:
+            problems.append(f"name {h.name!r}")
+        if not e.min_step <= h.step <= e.step:
+            problems.append(f"step {h.step} outside [{e.min_step}, {e.step}]")
+        if h.dtype != e.dtype:
+            problems.append(f"dtype {h.dtype!r} (expected {e.dtype!r})")
+        if h.shape != e.shape:
+            problems.append(f"shape {list(h.shape)} (expected {list(e.shape)})")
+        if h.total_bytes != len(self.dest):
+            problems.append(f"total_bytes {h.total_bytes} (expected {len(self.dest)})")
+        if (h.range_offset, h.range_length) != (e.range_offset, e.range_length):
+            problems.append(f"range {h.range_offset}+{h.range_length}")
+        if not 0 < h.chunk_bytes <= e.max_chunk_bytes:
+            problems.append(f"chunk size {h.chunk_bytes} (at most {e.max_chunk_bytes})")
+        elif h.chunk_count != chunk_count(e.range_length, h.chunk_bytes):
+            problems.append(f"chunk count {h.chunk_count}")
+        if problems:
+            raise self._fail("header has " + ", ".join(problems))
+
+    def finish(self) -> VersionHeader:
+        """Check the stream ended complete; returns its header."""
+        if self.header is None:
+            raise self._fail("stream ended without a header")
+        if (
+            self.received_bytes != self.expect.range_length
+            or self.received_chunks != self.header.chunk_count
+        ):
+            raise self._fail(
+                f"truncated stream: {self.received_bytes}/{self.expect.range_length} bytes in "
+                f"{self.received_chunks}/{self.header.chunk_count} chunks"
+            )
+        return self.header
+
+
+def verify_checksum(assemblers: list[RangeAssembler], expect_name: str) -> None:
+    """Fold the range CRCs in offset order and compare with the header's whole-payload CRC."""
+    ordered = sorted(assemblers, key=lambda a: a.expect.range_offset)
+    total = ordered[0].range_crc & 0xFFFFFFFF
+    for assembler in ordered[1:]:
+        total = crc32_combine(total, assembler.range_crc & 0xFFFFFFFF, assembler.received_bytes)
+    header = ordered[0].header
+    assert header is not None  # finish() ran on every assembler
+    if total != header.checksum:
+        raise ordered[0]._fail(
+            f"checksum mismatch for {expect_name!r}: got {total:#010x}, "
+            f"header says {header.checksum:#010x}"
+        )
+
+
+@dataclass(frozen=True)
+class PeerInfo:
+    """Domain form of ``InfoResponse``."""
+
+    rank: int
+    current_step: int
+    manifest_digest: str
+    software_version: str
+    world_size: int
+    retained: Mapping[str, list[int]]
+    state_available: bool
+
+
+def info_to_pb(info: PeerInfo) -> pb.InfoResponse:
+    """Protobuf form of :class:`PeerInfo`."""
+    return pb.InfoResponse(
+        rank=info.rank,
+        current_step=info.current_step,
+        manifest_digest=info.manifest_digest,
+        software_version=info.software_version,
+        world_size=info.world_size,
+        retained=[pb.RetainedSteps(name=n, steps=s) for n, s in sorted(info.retained.items())],
+        state_available=info.state_available,
+    )
+
+
+def info_from_pb(response: pb.InfoResponse) -> PeerInfo:
+    """Domain form of an ``InfoResponse``."""
+    return PeerInfo(
+        rank=response.rank,
+        current_step=response.current_step,
+        manifest_digest=response.manifest_digest,
+        software_version=response.software_version,
+        world_size=response.world_size,
+        retained={r.name: list(r.steps) for r in response.retained},
+        state_available=response.state_available,
+    )
+
+
+@dataclass(frozen=True)
+class StateEntry:
+    """One named tensor inside a tensors-kind state payload."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True)
+class StateHeader:
+    """Domain form of ``StateHeader``: how to read the GetState payload that follows."""
+
+    sender_rank: int
+    step: int
+    is_blob: bool
+    entries: tuple[StateEntry, ...]
+    total_bytes: int
+    checksum: int
+    chunk_count: int
+    chunk_bytes: int
+
+
+def state_header_to_pb(header: StateHeader) -> pb.GetStateResponse:
+    """The first message of a GetState stream."""
+    return pb.GetStateResponse(
+        header=pb.StateHeader(
+            sender_rank=header.sender_rank,
+            step=header.step,
+            kind=STATE_BLOB if header.is_blob else STATE_TENSORS,
+            entries=[
+                pb.StateEntry(
+                    name=e.name, dtype=e.dtype, shape=e.shape, offset=e.offset, length=e.length
+                )
+                for e in header.entries
+            ],
+            total_bytes=header.total_bytes,
+            checksum_kind=CHECKSUM_CRC32,
+            checksum=header.checksum,
+            chunk_count=header.chunk_count,
+            chunk_bytes=header.chunk_bytes,
+        )
+    )
+
+
+def decode_state_response(data: bytes) -> StateHeader | memoryview | Malformed:
+    """Response deserializer of GetState (same chunk fast path as Fetch); never raises."""
+    chunk = _fast_chunk(data)
+    if chunk is not None:
+        return chunk
+    try:
+        message = pb.GetStateResponse.FromString(data)
+    except (DecodeError, ValueError) as exc:
+        return Malformed(f"undecodable GetState message ({exc})")
+    kind = message.WhichOneof("payload")
+    if kind == "chunk":
+        return memoryview(message.chunk)
+    if kind != "header":
+        return Malformed("GetState message with neither header nor chunk")
+    h = message.header
+    if h.checksum_kind != CHECKSUM_CRC32 or h.kind not in (STATE_BLOB, STATE_TENSORS):
+        return Malformed(f"unsupported checksum kind {h.checksum_kind} or state kind {h.kind}")
+    return StateHeader(
+        sender_rank=h.sender_rank,
+        step=h.step,
+        is_blob=h.kind == STATE_BLOB,
+        entries=tuple(
+            StateEntry(e.name, e.dtype, tuple(e.shape), e.offset, e.length) for e in h.entries
+        ),
+        total_bytes=h.total_bytes,
+        checksum=h.checksum,
+        chunk_count=h.chunk_count,
+        chunk_bytes=h.chunk_bytes,
+    )
