@@ -2,8 +2,9 @@
 
 Each subcommand lives in its own module under :mod:`launcher.commands` and exposes
 ``register(subparsers)``; this module only wires them together and turns user errors
-(:class:`launcher.errors.UsageError`, :class:`topology.manifest.ManifestError` and
-``ValueError`` raised while validating user input) into a one-line message and exit code 2.
+(:class:`launcher.errors.UsageError` and :class:`topology.manifest.ManifestError`) into a
+one-line message and exit code 2. Commands convert other validation errors of user input into
+``UsageError`` themselves, so that a genuine bug still shows its traceback.
 """
 
 from __future__ import annotations
