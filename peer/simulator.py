@@ -104,7 +104,7 @@ class _MixingMatrices:
             raise ValueError(f"mixing matrix has shape {tuple(probe.shape)}, expected ({n}, {n})")
 
     def _as_tensor(self, matrix: Any) -> torch.Tensor:
-        return torch.as_tensor(np.asarray(matrix, dtype=np.float64)).to(self._dtype)
+        return torch.tensor(np.array(matrix, dtype=np.float64), dtype=self._dtype)
 
     def at(self, k: int) -> torch.Tensor:
         if self._static is not None:
