@@ -232,7 +232,10 @@ class PeerClient:
             return RangeAssembler(expect, dest)
 
         def query_for(offset: int, length: int, lo: int, hi: int) -> FetchQuery:
-            return FetchQuery(self.rank, name, hi, lo, chunk_bytes, offset, length)
+            # The last range asks "to the end" so a size mismatch is reported from the header
+            # (shape, dtype, total_bytes) instead of as a range the server refuses.
+            open_ended = 0 if offset + length == total else length
+            return FetchQuery(self.rank, name, hi, lo, chunk_bytes, offset, open_ended)
 
         first = assembler_for(*ranges[0], min_step, step)
         header_seen: asyncio.Future[int] = asyncio.get_running_loop().create_future()

@@ -1,0 +1,78 @@
+"""Retained versions: staleness lookup, eviction, event-driven waits, snapshots, state packing."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from peer.errors import StepEvicted, WireError
+from peer.store import VersionStore, pack_state, snapshot, unpack_state
+from peer.wire import StateHeader
+
+
+def version(step: int, name: str = "p", value: float = 0.0):
+    return snapshot(torch.full((4,), value), name, step)[1]
+
+
+async def test_lookup_staleness_and_eviction() -> None:
+    store = VersionStore(retained_versions=2)
+    for step in (1, 2, 3):
+        store.insert(version(step))
+    assert store.retained_steps() == {"p": [2, 3]}
+    assert store.lookup("p", 3, 3).step == 3
+    assert store.lookup("p", 5, 3).step == 3  # freshest within [3, 5]
+    assert store.lookup("p", 5, 4) is None  # not yet
+    with pytest.raises(StepEvicted) as info:
+        store.lookup("p", 1, 1)
+    assert info.value.oldest_step == 2
+    assert store.lookup("q", 1, 1) is None
+    assert store.retained_count() == 2
+
+
+async def test_wait_wakes_on_publish_and_times_out() -> None:
+    store = VersionStore(retained_versions=4)
+    waiter = asyncio.ensure_future(store.wait_for("p", 2, 2, timeout=5.0))
+    await asyncio.sleep(0.01)
+    store.insert(version(1))
+    await asyncio.sleep(0.01)
+    assert not waiter.done()
+    store.insert(version(2))
+    assert (await asyncio.wait_for(waiter, 1.0)).step == 2
+    with pytest.raises(TimeoutError):
+        await store.wait_for("p", 9, 9, timeout=0.05)
+
+
+async def test_checksum_computed_once_per_version() -> None:
+    v = version(1, value=3.0)
+    assert v.checksum() is v.checksum()
+    assert await v.checksum() == await v.checksum()
+
+
+def test_snapshot_is_independent_of_later_mutation() -> None:
+    tensor = torch.arange(6, dtype=torch.float32).reshape(2, 3).t()  # non-contiguous
+    own, v = snapshot(tensor, "p", 0)
+    tensor.add_(100)
+    assert torch.equal(own, torch.arange(6, dtype=torch.float32).reshape(2, 3).t())
+    assert bytes(v.payload) == own.contiguous().numpy().tobytes()
+    assert v.shape == (3, 2) and v.dtype == "float32"
+
+
+def test_state_pack_unpack_round_trip() -> None:
+    state = {"params": torch.randn(5), "step_count": torch.tensor([3]), "empty": torch.zeros(0)}
+    is_blob, entries, payload = pack_state(state)
+    head = StateHeader(0, 9, is_blob, entries, len(payload), 0, 1, 1 << 20)
+    back = unpack_state(head, bytearray(payload))
+    assert back.step == 9 and back.tensors is not None
+    assert all(torch.equal(back.tensors[k], v) for k, v in state.items())
+    is_blob, entries, payload = pack_state(b"opaque")
+    assert (
+        unpack_state(StateHeader(0, 1, is_blob, entries, 6, 0, 1, 8), bytearray(payload)).blob
+        == b"opaque"
+    )
+    no_tensors = StateHeader(0, 1, False, (), 0, 0, 0, 8)
+    assert unpack_state(no_tensors, bytearray()).tensors == {}
+    _, entries, payload = pack_state({"x": torch.ones(4)})
+    with pytest.raises(WireError):
+        unpack_state(StateHeader(0, 1, False, entries, 8, 0, 1, 8), bytearray(payload[:8]))
