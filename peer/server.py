@@ -17,11 +17,12 @@ import concurrent.futures
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from peer.errors import StepEvicted, WireError
 from peer.framing import chunk_count, crc32, iter_chunks
@@ -93,6 +94,23 @@ class ServedPeer:
     state_provider: StateProvider | None = field(default=None, repr=False)
 
 
+def _lenient(parse: Callable[[bytes], T]) -> Callable[[bytes], T | None]:
+    """Request deserializer that yields None for undecodable bytes (answered INVALID_ARGUMENT)."""
+
+    def deserialize(data: bytes) -> T | None:
+        try:
+            return parse(data)
+        except (DecodeError, ValueError):
+            return None
+
+    return deserialize
+
+
+async def _require(request: object, context: grpc.aio.ServicerContext) -> None:
+    if request is None:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "undecodable request")
+
+
 class PeerServicer:
     """Handlers of ``decentlam.v1.Peer`` (``rpc_*``) over a :class:`ServedPeer`."""
 
@@ -107,6 +125,7 @@ class PeerServicer:
     ) -> AsyncIterator[bytes | pb.FetchResponse]:
         """Stream the freshest retained version in ``[min_step, step]``: header, then chunks."""
         started = time.perf_counter()
+        await _require(request, context)
         peer = self.peer
         caller = caller_rank(context.invocation_metadata())
         try:
@@ -172,6 +191,7 @@ class PeerServicer:
     async def rpc_info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> Any:
         """Identity and health of this peer."""
         started = time.perf_counter()
+        await _require(request, context)
         peer = self.peer
         info = PeerInfo(
             rank=peer.rank,
@@ -190,6 +210,7 @@ class PeerServicer:
     ) -> AsyncIterator[bytes | pb.GetStateResponse]:
         """Stream the state returned by the registered provider: header, then chunks."""
         started = time.perf_counter()
+        await _require(request, context)
         peer = self.peer
         provider = peer.state_provider
         if provider is None:
@@ -224,17 +245,17 @@ class PeerServicer:
             {
                 "Fetch": grpc.unary_stream_rpc_method_handler(
                     self.rpc_fetch,
-                    request_deserializer=pb.FetchRequest.FromString,
+                    request_deserializer=_lenient(pb.FetchRequest.FromString),
                     response_serializer=serialize_message,
                 ),
                 "Info": grpc.unary_unary_rpc_method_handler(
                     self.rpc_info,
-                    request_deserializer=pb.InfoRequest.FromString,
+                    request_deserializer=_lenient(pb.InfoRequest.FromString),
                     response_serializer=pb.InfoResponse.SerializeToString,
                 ),
                 "GetState": grpc.unary_stream_rpc_method_handler(
                     self.rpc_get_state,
-                    request_deserializer=pb.GetStateRequest.FromString,
+                    request_deserializer=_lenient(pb.GetStateRequest.FromString),
                     response_serializer=serialize_message,
                 ),
             },
