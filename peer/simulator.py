@@ -104,6 +104,8 @@ class _MixingMatrices:
             raise ValueError(f"mixing matrix has shape {tuple(probe.shape)}, expected ({n}, {n})")
 
     def _as_tensor(self, matrix: Any) -> torch.Tensor:
+        if isinstance(matrix, torch.Tensor):
+            return matrix.detach().to(dtype=self._dtype, device="cpu").clone()
         return torch.tensor(np.array(matrix, dtype=np.float64), dtype=self._dtype)
 
     def at(self, k: int) -> torch.Tensor:
