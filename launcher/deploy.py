@@ -425,3 +425,41 @@ def exported_family(sample_name: str, families: Iterable[str]) -> str | None:
         if sample_name.endswith(suffix) and sample_name[: -len(suffix)] in known:
             return sample_name[: -len(suffix)]
     return None
+
+
+def declared_metrics(exposition: str) -> set[str]:
+    """Metric names a Prometheus text exposition declares (``# TYPE`` lines).
+
+    A labelled metric that has no series yet (an error counter before the first error) is
+    still declared. The client library's ``*_created`` companions are left out.
+    """
+    names = {
+        line.split()[2]
+        for line in exposition.splitlines()
+        if line.startswith("# TYPE ") and len(line.split()) >= 4
+    }
+    return {
+        name
+        for name in names
+        if not (name.endswith("_created") and _has_created_parent(name[: -len("_created")], names))
+    }
+
+
+def _has_created_parent(stem: str, names: set[str]) -> bool:
+    return stem in names or f"{stem}_total" in names
+
+
+def metrics_section(readme: str) -> str | None:
+    """The text of a Markdown document's ``## Metrics`` section, or None."""
+    match = re.search(r"^## Metrics[ \t]*$(.*?)(?=^## |\Z)", readme, re.MULTILINE | re.DOTALL)
+    return match.group(1) if match else None
+
+
+def documented_metrics(markdown: str) -> set[str]:
+    """Metric names in the first column of a Markdown table (`` `name` `` cells)."""
+    names: set[str] = set()
+    for line in markdown.splitlines():
+        cells = line.strip().strip("|").split("|")
+        if line.lstrip().startswith("|") and cells:
+            names.update(re.findall(r"`([A-Za-z_:][A-Za-z0-9_:]*)`", cells[0]))
+    return names
