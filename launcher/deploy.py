@@ -338,7 +338,7 @@ BUILTIN_INTERVALS = {
 }
 _VARIABLE = re.compile(r"\$\{(\w+)(?::\w+)?\}|\$(\w+)")
 _QUOTED = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|`[^`]*`')
-_IDENTIFIER = re.compile(r"[A-Za-z_:][A-Za-z0-9_:]*")
+_IDENTIFIER = re.compile(r"(?<![\w.])[A-Za-z_:][A-Za-z0-9_:]*")
 _BRACES = re.compile(r"\{[^{}]*\}")
 _RANGES = re.compile(r"\[[^\[\]]*\]")
 # PromQL keywords that are not followed by "(" and are not metric names (function and
@@ -409,8 +409,6 @@ def metric_names(expr: str) -> set[str]:
         word = match.group(0)
         following = text[match.end() :].lstrip()
         if word.lower() in _PROMQL_KEYWORDS or following.startswith("("):
-            continue
-        if re.fullmatch(r"\d.*", word):
             continue
         names.add(word)
     return names
