@@ -54,7 +54,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the peer; exit 0 on success or a clean stop."""
-    from peer.node import PeerOptions, PeerSetupError, run_peer
+    from peer.process import PeerOptions, PeerSetupError, run_peer
 
     manifest = args.manifest or os.environ.get("DECENTLAM_MANIFEST")
     if not manifest:
