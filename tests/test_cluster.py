@@ -1,0 +1,179 @@
+"""Real peer processes over gRPC on loopback: they train exactly like the simulator.
+
+These are the few, focused multi-process tests (STYLE.md rule 9): 4 small peers, full-batch
+least squares, a few dozen steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from launcher.cli import main
+from launcher.cluster import LocalCluster, free_ports
+from peer.problems import LinearRegressionProblem
+from peer.simulator import Simulator
+from topology.manifest import dump_manifest, init_manifest, load_manifest
+
+N = 4
+STEPS = 50
+LR = 0.05
+
+pytestmark = pytest.mark.slow
+
+
+def write_manifest(path: Path, *, algorithm: str, graph: str, steps: int = STEPS, **extra) -> Path:
+    """A loopback manifest with free ports for a linreg run."""
+    options = {"dim": 10, "samples_per_node": 50, "batch_size": 0, "dtype": "float64"}
+    options.update(extra.pop("task_options", {}))
+    manifest = init_manifest(
+        N, graph, weights="uniform", algorithm=algorithm, task="linreg", task_options=options,
+        steps=steps, lr=LR, momentum=0.9, seed=3, dtype="float64", **extra,
+    )  # fmt: skip
+    ports = free_ports(2 * N)
+    peers = tuple(
+        dataclasses.replace(p, port=ports[2 * i], metrics_port=ports[2 * i + 1])
+        for i, p in enumerate(manifest.peers)
+    )
+    path.write_text(dump_manifest(dataclasses.replace(manifest, peers=peers)))
+    return path
+
+
+def run_cluster(manifest: Path, out: Path, *peer_args: str, timeout: float = 90) -> LocalCluster:
+    cluster = LocalCluster(manifest, out, ["--linger-seconds", "20", *peer_args])
+    cluster.start()
+    try:
+        finished = cluster.wait(timeout)
+        logs = "\n".join(cluster.log_tail(p.rank) for p in cluster.peers)
+        assert finished, f"cluster did not finish in {timeout} s:\n{logs}"
+        codes = [p.process.returncode for p in cluster.peers]
+        assert codes == [0] * N, f"exit codes {codes}:\n{logs}"
+    finally:
+        cluster.stop(grace_seconds=5)
+    return cluster
+
+
+def final_params(out: Path) -> torch.Tensor:
+    rows = []
+    for rank in range(N):
+        payload = torch.load(out / f"rank-{rank}.pt", weights_only=False)
+        rows.append(payload["model"]["x"])
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "graph"),
+    [
+        ("decentlam", "ring"),
+        ("decentlam", "one-peer-exponential"),
+        ("dmsgd", "ring"),
+        ("dmsgd", "one-peer-exponential"),
+        ("dsgd", "ring"),
+        ("dsgd", "one-peer-exponential"),
+    ],
+)
+def test_real_peers_equal_simulator(tmp_path: Path, algorithm: str, graph: str) -> None:
+    manifest_path = write_manifest(tmp_path / "m.yaml", algorithm=algorithm, graph=graph)
+    run_cluster(manifest_path, tmp_path / "out")
+    got = final_params(tmp_path / "out")
+    manifest = load_manifest(manifest_path)
+    problem = LinearRegressionProblem(n=N, dim=10, samples_per_node=50, seed=3)
+    sim = Simulator(
+        algorithm, manifest.build_topology(), problem, lr=LR, momentum=0.9, dtype=torch.float64
+    )
+    sim.run(STEPS)
+    rel = float((got - sim.params).norm() / sim.params.norm())
+    assert rel <= 1e-10, f"relative difference {rel:.3e}"
+    summary = [json.loads((tmp_path / "out" / f"peer-{r}.json").read_text()) for r in range(N)]
+    assert all(s["steps"] == STEPS and s["bytes_received"] > 0 for s in summary)
+    assert all(s["bytes_sent"] > 0 for s in summary)
+
+
+def test_launch_digits_writes_summary_and_checkpoints(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    code = main(
+        ["launch", "--nodes", "3", "--graph", "ring", "--steps", "30", "--eval-every", "10",
+         "--out", str(out), "--quiet"]
+    )  # fmt: skip
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 3
+    for rank in range(3):
+        peer = summary["peers"][str(rank)]
+        assert peer["steps"] == 30
+        assert 0.0 <= peer["eval"]["accuracy"] <= 1.0
+        for key in ("mean_iteration_seconds", "mean_compute_seconds", "mean_blocked_seconds",
+                    "bytes_sent", "bytes_received", "consensus_distance", "final_loss"):  # fmt: skip
+            assert key in peer
+        assert (out / f"rank-{rank}.pt").exists()
+        assert (out / "logs" / f"rank-{rank}.log").exists()
+    assert "mean test accuracy" in printed
+    assert summary["mean_accuracy"] > 0.5
+
+
+def test_pmsgd_baseline_over_torch_distributed(tmp_path: Path) -> None:
+    manifest_path = write_manifest(tmp_path / "m.yaml", algorithm="pmsgd", graph="ring", steps=20)
+    init = f"tcp://127.0.0.1:{free_ports(1)[0]}"
+    run_cluster(manifest_path, tmp_path / "out", "--dist-init-method", init)
+    got = final_params(tmp_path / "out")
+    # all-reduce keeps every replica identical, and equal to the simulator's PmSGD
+    assert torch.equal(got[0], got[1]) and torch.equal(got[0], got[3])
+    problem = LinearRegressionProblem(n=N, dim=10, samples_per_node=50, seed=3)
+    sim = Simulator("pmsgd", torch.eye(N, dtype=torch.float64), problem, lr=LR, momentum=0.9)
+    sim.run(20)
+    assert float((got - sim.params).norm() / sim.params.norm()) <= 1e-10
+
+
+def test_launcher_reports_dead_peer_with_log_tail(tmp_path: Path) -> None:
+    manifest_path = write_manifest(
+        tmp_path / "m.yaml", algorithm="decentlam", graph="ring", steps=100_000
+    )
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "launcher.cli", "launch", "--manifest", str(manifest_path),
+         "--out", str(tmp_path / "out"), "--quiet"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True,
+    )  # fmt: skip
+    try:
+        manifest = load_manifest(manifest_path)
+        deadline = time.monotonic() + 60
+        victim_log = tmp_path / "out" / "logs" / "rank-2.log"
+        while time.monotonic() < deadline and "serving on port" not in (
+            victim_log.read_text() if victim_log.exists() else ""
+        ):
+            time.sleep(0.2)
+        pids = subprocess.run(
+            ["pgrep", "-f", "--", f"--rank 2 --out {tmp_path / 'out'}"],
+            capture_output=True,
+            text=True,
+        ).stdout.split()
+        assert pids, "peer 2 not found"
+        os.kill(int(pids[0]), signal.SIGKILL)
+        stdout, stderr = launcher.communicate(timeout=90)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert launcher.returncode == 1
+    assert "peer 2 exited with status -9" in stderr or "exited with status" in stderr
+    assert "rank-" in stderr
+    assert manifest.world_size == N
+
+
+def test_peer_command_user_errors(tmp_path: Path, capsys) -> None:
+    assert main(["peer", "--manifest", str(tmp_path / "missing.yaml"), "--rank", "0"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    manifest_path = write_manifest(tmp_path / "m.yaml", algorithm="decentlam", graph="ring")
+    assert main(["peer", "--manifest", str(manifest_path)]) == 2
+    assert "give --rank" in capsys.readouterr().err
+    assert main(["peer", "--manifest", str(manifest_path), "--rank", "9"]) == 2
+    assert "rank" in capsys.readouterr().err
