@@ -95,14 +95,19 @@ def test_get_state(grpc_peers: GrpcPeers) -> None:
 
 
 def test_bandwidth_cap_holds_rate(grpc_peers: GrpcPeers) -> None:
+    """10 MB more at a 20 MB/s cap take 0.5 s more (differential: fixed costs cancel out)."""
     cap = 20e6
     a, b = grpc_peers(2, config=ExchangeConfig(bandwidth_bytes_per_second=cap))
-    payload = torch.zeros(2_500_000)  # 10 MB
-    b.publish("v", payload, 0)
-    started = time.perf_counter()
-    a.fetch(1, "v", 0, like=payload, timeout=10)
-    elapsed = time.perf_counter() - started
-    assert elapsed == pytest.approx(payload.numel() * 4 / cap, rel=0.10)
+    small, large = torch.zeros(1_250_000), torch.zeros(3_750_000)  # 5 MB and 15 MB
+    b.publish("small", small, 0)
+    b.publish("large", large, 0)
+    elapsed = {}
+    for name, like in (("small", small), ("large", large)):
+        started = time.perf_counter()
+        a.fetch(1, name, 0, like=like, timeout=10)
+        elapsed[name] = time.perf_counter() - started
+    extra_bytes = (large.numel() - small.numel()) * 4
+    assert elapsed["large"] - elapsed["small"] == pytest.approx(extra_bytes / cap, rel=0.10)
 
 
 def test_metrics_count_per_edge(grpc_peers: GrpcPeers) -> None:
