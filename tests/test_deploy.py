@@ -345,7 +345,11 @@ def test_compose_peer_commands_form_a_working_cluster_on_loopback(tmp_path: Path
             try:
                 code = process.wait(timeout=max(1.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                pytest.fail(f"{name} did not finish in time:\n{log.read_text()[-3000:]}")
+                text = log.read_text()
+                hint = (
+                    " (its log says it finished: it hangs at exit)" if "finished at" in text else ""
+                )
+                pytest.fail(f"{name} did not exit in time{hint}:\n{text[-3000:]}")
             assert code == 0, f"{name} exited {code}:\n{log.read_text()[-3000:]}"
         for rank, name in enumerate(peers):
             volume = processes[name][1]
