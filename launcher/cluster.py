@@ -28,6 +28,18 @@ logger = logging.getLogger(__name__)
 SCRAPE_TIMEOUT_SECONDS = 1.0
 
 
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+    """Child set-up: own session (Ctrl-C reaches only the launcher, which forwards it) and,
+    on Linux, SIGTERM when the launcher dies, so no peer outlives a killed launcher."""
+    os.setsid()
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+
+
 def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
     """``count`` distinct ports the OS reports free right now (all held open while choosing)."""
     sockets = []
@@ -149,7 +161,7 @@ class LocalCluster:
             with open(log_path, "ab") as log:
                 process = subprocess.Popen(
                     command, stdout=log, stderr=subprocess.STDOUT, env=env,
-                    start_new_session=True,  # Ctrl-C reaches the launcher only; it forwards it
+                    preexec_fn=_die_with_parent,  # the launcher starts no threads before this
                 )  # fmt: skip
             url = None
             if spec.metrics_port is not None:

@@ -205,6 +205,30 @@ def resolve_weights(
     return weight, {int(j): float(w) for j, w in sorted(view.in_neighbors.items())}
 
 
+def damp_stale_weights(
+    self_weight: float, weights: Mapping[int, float], used_steps: Mapping[int, int], step: int
+) -> tuple[float, dict[int, float]]:
+    """Weights for mixing when some neighbours' vectors are stale (bounded-staleness mode).
+
+    A vector from ``tau = step - used_step`` steps ago gets weight ``w_ij / (1 + tau)`` and the
+    rest goes to the peer's own vector, so each row still sums to 1. Without this, stale
+    positions act as a delayed spring: for DecentLaM the consensus mode moving with velocity
+    ``v`` evolves as ``v <- (beta - sum_j w_ij tau_j) v`` (unstable once the sum exceeds
+    ``1 + beta``, e.g. a ring with ``tau = 3``); with the damping the factor stays inside
+    ``(beta - 1, beta)``. Fresh vectors (``tau = 0``, always the case when ``T = 0``) keep
+    their weights bit for bit, so the synchronous algorithm is unchanged.
+    """
+    damped = dict(weights)
+    moved = 0.0
+    for j, used in used_steps.items():
+        tau = step - used
+        if tau > 0 and j in damped:
+            reduced = damped[j] / (1 + tau)
+            moved += damped[j] - reduced
+            damped[j] = reduced
+    return (self_weight + moved if moved else self_weight), damped
+
+
 def weighted_sum(
     own: torch.Tensor,
     self_weight: float,
@@ -350,9 +374,10 @@ class _InMemoryHandle(Handle):
                             )
                         wake = deadline if found is None else min(deadline, ready_at)
                         self._board.cond.wait(timeout=max(0.0, wake - now))
-            self._result = weighted_sum(
-                self._own, self._self_weight, received, self._weights, self._rank
+            self_weight, weights = damp_stale_weights(
+                self._self_weight, self._weights, self.stats.used_steps, self._step
             )
+            self._result = weighted_sum(self._own, self_weight, received, weights, self._rank)
             self.stats.wait_seconds = time.monotonic() - entered
             return self._result
 
@@ -368,6 +393,8 @@ class InMemoryFabric:
         deadline_seconds: default deadline of :meth:`Handle.wait`.
         link_delay_seconds: optional ``{(src, dst): seconds}``: simulated slow links (a vector
             from ``src`` becomes visible to ``dst`` that long after ``dst`` starts fetching).
+        link_bytes_per_second: optional simulated bandwidth of every link: a vector of ``b``
+            bytes takes a further ``b / link_bytes_per_second`` seconds to arrive.
     """
 
     def __init__(
@@ -378,6 +405,7 @@ class InMemoryFabric:
         retained_versions: int = DEFAULT_RETAINED_VERSIONS,
         deadline_seconds: float = DEFAULT_DEADLINE_SECONDS,
         link_delay_seconds: Mapping[tuple[int, int], float] | None = None,
+        link_bytes_per_second: float | None = None,
     ) -> None:
         if world_size < 1:
             raise ValueError(f"world_size must be >= 1, got {world_size}")
@@ -387,6 +415,7 @@ class InMemoryFabric:
         self.topology = topology
         self.deadline_seconds = deadline_seconds
         self.link_delay_seconds = dict(link_delay_seconds or {})
+        self.link_bytes_per_second = link_bytes_per_second
         self._board = _Board(world_size, retained_versions)
 
     def communicator(self, rank: int) -> InMemoryCommunicator:
@@ -408,9 +437,13 @@ class InMemoryCommunicator(Communicator):
         self.fabric = fabric
         self.rank = rank
         self.world_size = fabric.world_size
+        self.topology = fabric.topology
 
-    def _delay_from(self, src: int) -> float:
-        return self.fabric.link_delay_seconds.get((src, self.rank), 0.0)
+    def _delay(self, src: int, nbytes: int) -> float:
+        delay = self.fabric.link_delay_seconds.get((src, self.rank), 0.0)
+        if self.fabric.link_bytes_per_second:
+            delay += nbytes / self.fabric.link_bytes_per_second
+        return delay
 
     def neighbor_average_async(
         self,
@@ -440,7 +473,7 @@ class InMemoryCommunicator(Communicator):
             weights,
             max_staleness,
             self.fabric.deadline_seconds,
-            self._delay_from,
+            lambda src: self._delay(src, own.numel() * own.element_size()),
             self.rank,
         )
 

@@ -35,6 +35,7 @@ from peer.comm import (
     CompletedHandle,
     ExchangeStats,
     Handle,
+    damp_stale_weights,
     resolve_weights,
     weighted_sum,
 )
@@ -103,9 +104,11 @@ class GrpcHandle(Handle):
             others = {
                 j: r.tensor.to(self._own.device, non_blocking=True) for j, r in received.items()
             }
-            self._result = weighted_sum(
-                self._own, self._self_weight, others, self._weights, self._comm.rank
-            )
+            self_weight, weights = damp_stale_weights(
+                self._self_weight, self._weights, {j: r.step for j, r in received.items()},
+                self._step,
+            )  # fmt: skip
+            self._result = weighted_sum(self._own, self_weight, others, weights, self._comm.rank)
             for j, r in received.items():
                 self.stats.used_steps[j] = r.step
                 self.stats.latency_seconds[j] = r.latency_seconds

@@ -24,6 +24,8 @@ model agrees on them. Do not move the model to another device after building the
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,10 +34,16 @@ import torch
 
 from peer.algorithms import UpdateRule, make_rule, uses_global_average
 from peer.comm import Communicator, ExchangeStats, Handle
+from peer.errors import ExchangeError, ExchangeTimeout
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_BUCKET_BYTES = 25 * 2**20
+INTERRUPT_POLL_SECONDS = 0.2
+
+
+class StepInterrupted(ExchangeError):
+    """The step was abandoned because :attr:`DecentralizedOptimizer.interrupt` was set."""
 
 
 @dataclass
@@ -121,6 +129,8 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         self.overlap = bool(overlap)
         self.deadline_seconds = deadline_seconds
         self.last_exchange_stats: list[ExchangeStats] = []
+        # Set by the training loop (e.g. on SIGTERM): waits stop and the step is abandoned.
+        self.interrupt: threading.Event | None = None
         self._step = 0
         self._params = self._unique_params()
         self._groups, self._buckets = self._flatten(bucket_bytes)
@@ -269,13 +279,16 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
             self._start(b)
         stats = []
         try:
+            # Every bucket's mixed vector first, then every update: a failed or interrupted
+            # exchange leaves parameters and state exactly as they were (the step is abandoned
+            # whole, never half-applied), so a checkpoint written after it is consistent.
+            mixed = [self._wait(self._in_flight[b].handle) for b in range(len(self._buckets))]
             for b, bucket in enumerate(self._buckets):
                 flight = self._in_flight[b]
-                mixed = flight.handle.wait(self.deadline_seconds)
                 group = self._groups[bucket.group]
                 x = group.data[bucket.start : bucket.end]
                 state = {key: v[bucket.start : bucket.end] for key, v in group.state.items()}
-                self.rule.apply(x, flight.gradient, state, flight.lr, mixed, k)
+                self.rule.apply(x, flight.gradient, state, flight.lr, mixed[b], k)
                 stats.append(flight.handle.stats)
         finally:
             self._in_flight.clear()
@@ -287,6 +300,22 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
             for group in self.param_groups:
                 group["lr"] = self.current_lr()
         return loss
+
+    def _wait(self, handle: Handle) -> torch.Tensor:
+        """``handle.wait`` that gives up early when :attr:`interrupt` is set."""
+        if self.interrupt is None:
+            return handle.wait(self.deadline_seconds)
+        budget = self.deadline_seconds if self.deadline_seconds is not None else 30.0
+        deadline = time.monotonic() + budget
+        while True:
+            if self.interrupt.is_set():
+                raise StepInterrupted(f"step {self._step} abandoned: stop requested")
+            remaining = deadline - time.monotonic()
+            try:
+                return handle.wait(max(0.0, min(INTERRUPT_POLL_SECONDS, remaining)))
+            except ExchangeTimeout:
+                if remaining <= INTERRUPT_POLL_SECONDS:
+                    raise
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the flat gradient buffers (gradients stay views; ``set_to_none`` is ignored)."""

@@ -124,6 +124,8 @@ class Trainer:
         self.on_step = on_step
         self.bytes_sent = bytes_sent
         self.stop_event = threading.Event()
+        if hasattr(optimizer, "interrupt"):
+            optimizer.interrupt = self.stop_event
         self.step = 0
 
     def request_stop(self) -> None:
@@ -221,7 +223,13 @@ class Trainer:
             self.optimizer.zero_grad()
             loss = self.task.loss(self.model, batch)
             loss.backward()
-            self.optimizer.step()
+            try:
+                self.optimizer.step()
+            except ExchangeError:
+                if self.stop_event.is_set():
+                    logger.warning("stop requested: step %d abandoned", self.step)
+                    break  # parameters untouched: the checkpoint below is at self.step
+                raise
             loss_value = float(loss.detach())
             elapsed = time.perf_counter() - begin
             stats: list[ExchangeStats] = list(getattr(self.optimizer, "last_exchange_stats", []))

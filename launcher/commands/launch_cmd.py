@@ -171,7 +171,20 @@ def run(args: argparse.Namespace) -> int:
     return status
 
 
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def _watch(cluster: LocalCluster, steps: int, args: argparse.Namespace) -> int:
+    # SIGTERM to the launcher (e.g. from a job scheduler) stops the peers like Ctrl-C does.
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        return _watch_loop(cluster, steps, args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _watch_loop(cluster: LocalCluster, steps: int, args: argparse.Namespace) -> int:
     deadline = time.monotonic() + args.timeout
     interactive = sys.stdout.isatty() and not args.quiet
     last_print = 0.0
