@@ -76,9 +76,10 @@ def test_staleness(make_peers: MakePeers) -> None:
     x = torch.ones(64)
     for step in (1, 2, 3):
         b.neighbor_average_async("p", x * step, step, 1.0, {0: 0.0})
-    # T = 2 at step 5: the freshest of steps 3..5 is used at once.
+    # T = 2 at step 5: the freshest of steps 3..5 is used at once, its weight damped by
+    # 1 / (1 + staleness) and the rest moved to the own vector (peer.comm.damp_stale_weights).
     stale = a.neighbor_average_async("p", x, 5, 0.0, {1: 1.0}, max_staleness=2)
-    assert torch.equal(stale.wait(5.0), x * 3)
+    assert torch.equal(stale.wait(5.0), x * (2.0 / 3.0) + (x * 3) * (1.0 / 3.0))
     assert stale.stats.used_steps == {1: 3}
     # T = 0 at step 4 waits until step 4 is published.
     sync = a.neighbor_average_async("p", x, 4, 0.0, {1: 1.0})
@@ -106,3 +107,15 @@ def test_deadline_names_neighbor_and_step(make_peers: MakePeers) -> None:
         handle.wait()
     assert (info.value.neighbor, info.value.step, info.value.name) == (1, 7, "p")
     assert "peer 1" in str(info.value) and "7" in str(info.value)
+
+
+def test_damp_stale_weights_keeps_rows_stochastic_and_fresh_weights_exact() -> None:
+    from peer.comm import damp_stale_weights
+
+    assert damp_stale_weights(0.5, {1: 0.25, 2: 0.25}, {1: 7, 2: 7}, 7) == (
+        0.5,
+        {1: 0.25, 2: 0.25},
+    )
+    self_weight, weights = damp_stale_weights(0.5, {1: 0.25, 2: 0.25}, {1: 6, 2: 4}, 7)
+    assert weights == {1: 0.125, 2: 0.0625}
+    assert abs(self_weight + sum(weights.values()) - 1.0) < 1e-15
