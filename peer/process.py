@@ -161,6 +161,9 @@ def run_peer(options: PeerOptions) -> TrainResult:
 
     from topology.manifest import load_manifest
 
+    threads = os.environ.get("DECENTLAM_TORCH_THREADS")
+    if threads:
+        torch.set_num_threads(max(1, int(threads)))
     manifest = load_manifest(options.manifest)
     if options.rank is not None:
         me = manifest.peer(options.rank)
@@ -172,6 +175,12 @@ def run_peer(options: PeerOptions) -> TrainResult:
     training = manifest.training
     staleness = training.max_staleness if options.max_staleness is None else options.max_staleness
     staleness = max(staleness, manifest.exchange.max_staleness)
+    if staleness > 0 and training.algorithm == "decentlam":
+        logger.warning(
+            "DecentLaM with max_staleness=%d is unstable in our measurements (stale positions "
+            "feed its momentum term); prefer dmsgd or dsgd for asynchronous runs",
+            staleness,
+        )
     out_dir = Path(options.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     topology = manifest.build_topology()
@@ -341,6 +350,7 @@ def _build_optimizer(
         global_average_every=training.global_average_every,
         max_staleness=staleness,
         overlap=not options.blocking,
+        bucket_bytes=manifest.exchange.bucket_bytes,
         deadline_seconds=manifest.exchange.fetch_deadline_seconds,
     )
 

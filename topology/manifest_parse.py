@@ -357,6 +357,7 @@ def parse_exchange(raw: Any, training: TrainingSpec) -> ExchangeSpec:
         ),
         retained_versions=retained,
         parallel_streams=s.integer("parallel_streams", 1, minimum=1),
+        bucket_bytes=s.integer("bucket_bytes", 4 << 20, minimum=1),
     )
 
 

@@ -174,6 +174,7 @@ class ExchangeSpec:
     bandwidth_bytes_per_second: int | None = None
     retained_versions: int = 4
     parallel_streams: int = 1
+    bucket_bytes: int = 4 << 20
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form, as written in the manifest."""

@@ -1,0 +1,124 @@
+"""Iteration time with exchanges blocking vs overlapped with backward, over real gRPC peers.
+
+Runs the same 2-peer cluster (real processes, loopback gRPC) twice: ``--blocking`` (each step
+computes, then exchanges) and overlapped (each bucket's exchange starts from a gradient hook
+during backward). The link is made slow with the exchange engine's bandwidth cap so that
+communication costs about as much as compute; the blocking run measures both:
+``comm = blocked time``, ``compute = iteration - blocked``. Target: overlapped iteration
+<= 1.15 x max(compute, comm).
+
+    python benchmarks/overlap.py [--steps 40] [--bandwidth 4e6] [--bucket-bytes 65536]
+
+Prints a table and writes JSON (``--out``, default ``benchmarks/results/overlap.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from launcher.cluster import LocalCluster, free_ports
+from topology.manifest import dump_manifest, init_manifest
+
+
+def write_manifest(path: Path, args: argparse.Namespace) -> Path:
+    """A 2-peer loopback manifest: ResNet-20-sized CNN on synthetic images, capped links."""
+    manifest = init_manifest(
+        2, "ring", algorithm="decentlam", task="synthetic-image",
+        task_options={"batch_size": args.batch_size, "width": args.width},
+        steps=args.steps, lr=0.01, momentum=0.9, seed=0,
+    )  # fmt: skip
+    ports = free_ports(4)
+    peers = tuple(
+        dataclasses.replace(p, port=ports[2 * i], metrics_port=ports[2 * i + 1])
+        for i, p in enumerate(manifest.peers)
+    )
+    exchange = dataclasses.replace(
+        manifest.exchange,
+        bandwidth_bytes_per_second=int(args.bandwidth),
+        bucket_bytes=args.bucket_bytes,
+    )
+    path.write_text(dump_manifest(dataclasses.replace(manifest, peers=peers, exchange=exchange)))
+    return path
+
+
+def run(manifest: Path, out: Path, blocking: bool, warmup: int) -> dict[str, float]:
+    """Run the cluster once; per-step times from the peers' results, warm-up steps dropped."""
+    args = ["--linger-seconds", "30"] + (["--blocking"] if blocking else [])
+    cluster = LocalCluster(manifest, out, args)
+    cluster.start()
+    try:
+        if not cluster.wait(600):
+            raise RuntimeError(f"cluster did not finish; logs in {out / 'logs'}")
+    finally:
+        cluster.stop(grace_seconds=5)
+    rows = []
+    for rank in (0, 1):
+        result = json.loads((out / f"peer-{rank}.json").read_text())
+        rows.append(result)
+    return {
+        "iteration_seconds": statistics.mean(r["mean_iteration_seconds"] for r in rows),
+        "blocked_seconds": statistics.mean(r["mean_blocked_seconds"] for r in rows),
+        "compute_seconds": statistics.mean(r["mean_compute_seconds"] for r in rows),
+        "warmup_steps": warmup,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--width", type=int, default=16, help="ResNet-20 width (16 = 0.27 M)")
+    parser.add_argument("--bandwidth", type=float, default=4e6, help="link cap in bytes/s")
+    parser.add_argument("--bucket-bytes", type=int, default=64 * 1024)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/overlap.json"))
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="decentlam-overlap-") as tmp:
+        manifest = write_manifest(Path(tmp) / "m.yaml", args)
+        started = time.perf_counter()
+        blocking = run(manifest, Path(tmp) / "blocking", True, 0)
+        overlapped = run(manifest, Path(tmp) / "overlapped", False, 0)
+        elapsed = time.perf_counter() - started
+    compute = blocking["compute_seconds"]
+    comm = blocking["blocked_seconds"]
+    bound = max(compute, comm)
+    rows = [
+        ("compute (blocking run: iteration - blocked)", compute),
+        ("comm (blocking run: blocked)", comm),
+        ("max(compute, comm)", bound),
+        ("compute + comm", compute + comm),
+        ("blocking iteration", blocking["iteration_seconds"]),
+        ("overlapped iteration", overlapped["iteration_seconds"]),
+    ]
+    print(f"2 peers, synthetic-image ResNet-20 (width {args.width}), batch {args.batch_size}, "
+          f"link cap {args.bandwidth / 1e6:.1f} MB/s, buckets {args.bucket_bytes} B, "
+          f"{args.steps} steps")  # fmt: skip
+    for label, value in rows:
+        print(f"{label:<46} {value * 1e3:9.1f} ms")
+    ratio = overlapped["iteration_seconds"] / bound
+    print(f"{'overlapped / max(compute, comm)':<46} {ratio:9.2f}x   (target <= 1.15x)")
+    print(f"{'blocking / overlapped':<46} "
+          f"{blocking['iteration_seconds'] / overlapped['iteration_seconds']:9.2f}x")  # fmt: skip
+    report = {
+        "config": vars(args) | {"out": str(args.out)},
+        "blocking": blocking,
+        "overlapped": overlapped,
+        "compute_seconds": compute,
+        "comm_seconds": comm,
+        "overlapped_over_max": ratio,
+        "wall_seconds": elapsed,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
