@@ -24,7 +24,7 @@ from peer.errors import (
     StepEvicted,
     WireError,
 )
-from peer.framing import chunk_count, crc32, split_ranges
+from peer.framing import checksum, chunk_count, split_ranges
 from peer.metrics import ExchangeMetrics
 from peer.proto.decentlam.v1 import peer_pb2 as pb
 from peer.security import TlsConfig, call_metadata, channel_credentials
@@ -399,6 +399,6 @@ class PeerClient:
             or received_chunks != header.chunk_count
         ):
             raise fail("truncated stream")
-        if crc32(payload) != header.checksum:
+        if checksum(header.checksum_kind, payload) != header.checksum:
             raise fail("checksum mismatch")
         return unpack_state(header, payload)

@@ -25,7 +25,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from peer.errors import StepEvicted, WireError
-from peer.framing import chunk_count, crc32, iter_chunks
+from peer.framing import DEFAULT_CHECKSUM, checksum, chunk_count, iter_chunks
 from peer.metrics import ExchangeMetrics
 from peer.proto.decentlam.v1 import peer_pb2 as pb
 from peer.security import AuthInterceptor, ReadPolicy, TlsConfig, caller_rank, server_credentials
@@ -178,6 +178,7 @@ class PeerServicer:
             range_length=length,
             chunk_count=chunk_count(length, chunk_bytes),
             chunk_bytes=chunk_bytes,
+            checksum_kind=DEFAULT_CHECKSUM,
         )
         yield header_to_pb(header)
         limiter = None if peer.limiter.unlimited else peer.limiter
@@ -228,7 +229,8 @@ class PeerServicer:
             is_blob=is_blob,
             entries=entries,
             total_bytes=len(payload),
-            checksum=await asyncio.to_thread(crc32, payload),
+            checksum=await asyncio.to_thread(checksum, DEFAULT_CHECKSUM, payload),
+            checksum_kind=DEFAULT_CHECKSUM,
             chunk_count=chunk_count(len(payload), chunk_bytes),
             chunk_bytes=chunk_bytes,
         )

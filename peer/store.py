@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from peer.errors import StepEvicted, WireError
-from peer.framing import crc32
+from peer.framing import DEFAULT_CHECKSUM, checksum
 from peer.wire import StateEntry, StateHeader, dtype_name, parse_dtype
 
 logger = logging.getLogger(__name__)
@@ -78,14 +78,15 @@ class Version:
             await asyncio.to_thread(self.ready.synchronize)
 
     def checksum(self) -> asyncio.Future[int]:
-        """CRC-32 of the payload, computed once in a worker thread (zlib releases the GIL)."""
+        """Checksum (:data:`peer.framing.DEFAULT_CHECKSUM`) of the payload, computed once in a
+        worker thread (both CRC implementations release the GIL)."""
         if self._checksum is None:
             self._checksum = asyncio.ensure_future(self._compute_checksum())
         return self._checksum
 
     async def _compute_checksum(self) -> int:
         await self.wait_ready()
-        return await asyncio.to_thread(crc32, self.payload)
+        return await asyncio.to_thread(checksum, DEFAULT_CHECKSUM, self.payload)
 
 
 def snapshot(tensor: torch.Tensor, name: str, step: int) -> tuple[torch.Tensor, Version]:

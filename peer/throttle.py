@@ -3,9 +3,7 @@
 ``asyncio_throttle.Throttler`` admits at most ``rate_limit`` acquisitions per sliding window of
 ``period`` seconds. :class:`BandwidthLimiter` turns bytes into tokens of ``token_bytes`` each and
 uses a short window, so the largest burst is ``rate * window_seconds`` bytes and a long transfer
-runs at the configured rate. The throttler polls every ``window / tokens`` seconds while the cap
-is saturated: 10 ms here (a sub-millisecond poll measurably slowed the training thread of the
-same process through the GIL). Remainders smaller than one token are carried over to the next
+runs at the configured rate. Remainders smaller than one token are carried over to the next
 send, so many small chunks are charged exactly. With no cap (the default) :meth:`acquire` returns
 at once and costs one attribute test.
 """
@@ -18,8 +16,8 @@ from asyncio_throttle import Throttler
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_WINDOW_SECONDS = 0.1
-TOKENS_PER_WINDOW = 10
+DEFAULT_WINDOW_SECONDS = 0.02
+TOKENS_PER_WINDOW = 32
 
 
 class BandwidthLimiter:

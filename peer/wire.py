@@ -12,15 +12,15 @@ returns a memoryview of the payload without a protobuf parse (which would copy i
 other message goes through the generated protobuf code, so the stream stays valid protobuf for
 every other client.
 
-Checksums are zlib CRC-32 of the whole payload, computed once per published version. A receiver
+Checksums (CRC-32C, or zlib CRC-32 without the crc32c extension; the header names the
+kind) cover the whole payload and are computed once per published version. A receiver
 fetching the payload as several byte ranges in parallel checksums each range as it arrives and
-folds the range CRCs together with :func:`crc32_combine`.
+folds the range CRCs together with :func:`peer.framing.checksum_combine`.
 """
 
 from __future__ import annotations
 
 import logging
-import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -28,13 +28,15 @@ import torch
 from google.protobuf.message import DecodeError
 
 from peer.errors import WireError
-from peer.framing import chunk_count, crc32_combine
+from peer.framing import CRC32, CRC32C, checksum_combine, checksum_extend, chunk_count
 from peer.proto.decentlam.v1 import peer_pb2 as pb
 
 logger = logging.getLogger(__name__)
 
 CHUNK_TAG = 0x12  # field 2 (`chunk`), wire type 2 (length-delimited)
 CHECKSUM_CRC32 = pb.CHECKSUM_KIND_CRC32
+CHECKSUM_KINDS = {CRC32: pb.CHECKSUM_KIND_CRC32, CRC32C: pb.CHECKSUM_KIND_CRC32C}
+CHECKSUM_NAMES = {value: name for name, value in CHECKSUM_KINDS.items()}
 STATE_BLOB = pb.STATE_KIND_BLOB
 STATE_TENSORS = pb.STATE_KIND_TENSORS
 
@@ -168,6 +170,7 @@ class VersionHeader:
     range_length: int
     chunk_count: int
     chunk_bytes: int
+    checksum_kind: str = CRC32
 
 
 def header_to_pb(header: VersionHeader) -> pb.FetchResponse:
@@ -180,7 +183,7 @@ def header_to_pb(header: VersionHeader) -> pb.FetchResponse:
             dtype=header.dtype,
             shape=list(header.shape),
             total_bytes=header.total_bytes,
-            checksum_kind=CHECKSUM_CRC32,
+            checksum_kind=CHECKSUM_KINDS[header.checksum_kind],
             checksum=header.checksum,
             range_offset=header.range_offset,
             range_length=header.range_length,
@@ -208,7 +211,7 @@ def decode_fetch_response(data: bytes) -> VersionHeader | memoryview | Malformed
     if kind != "header":
         return Malformed("Fetch message with neither header nor chunk")
     h = message.header
-    if h.checksum_kind != CHECKSUM_CRC32:
+    if h.checksum_kind not in CHECKSUM_NAMES:
         return Malformed(f"unsupported checksum kind {h.checksum_kind}")
     return VersionHeader(
         sender_rank=h.sender_rank,
@@ -222,6 +225,7 @@ def decode_fetch_response(data: bytes) -> VersionHeader | memoryview | Malformed
         range_length=h.range_length,
         chunk_count=h.chunk_count,
         chunk_bytes=h.chunk_bytes,
+        checksum_kind=CHECKSUM_NAMES[h.checksum_kind],
     )
 
 
@@ -285,7 +289,7 @@ class RangeAssembler:
         if self.received_bytes + size > self.expect.range_length:
             raise self._fail(f"oversized stream: more than {self.expect.range_length} bytes")
         self.dest[self._cursor : self._cursor + size] = message
-        self.range_crc = zlib.crc32(message, self.range_crc)
+        self.range_crc = checksum_extend(self.header.checksum_kind, self.range_crc, message)
         self._cursor += size
         self.received_bytes += size
         self.received_chunks += 1
@@ -332,11 +336,16 @@ class RangeAssembler:
 def verify_checksum(assemblers: list[RangeAssembler], expect_name: str) -> None:
     """Fold the range CRCs in offset order and compare with the header's whole-payload CRC."""
     ordered = sorted(assemblers, key=lambda a: a.expect.range_offset)
-    total = ordered[0].range_crc & 0xFFFFFFFF
-    for assembler in ordered[1:]:
-        total = crc32_combine(total, assembler.range_crc & 0xFFFFFFFF, assembler.received_bytes)
     header = ordered[0].header
     assert header is not None  # finish() ran on every assembler
+    kinds = {a.header.checksum_kind for a in ordered if a.header is not None}
+    if len(kinds) != 1:
+        raise ordered[0]._fail(f"ranges of {expect_name!r} use different checksums {kinds}")
+    total = ordered[0].range_crc & 0xFFFFFFFF
+    for assembler in ordered[1:]:
+        total = checksum_combine(
+            header.checksum_kind, total, assembler.range_crc & 0xFFFFFFFF, assembler.received_bytes
+        )
     if total != header.checksum:
         raise ordered[0]._fail(
             f"checksum mismatch for {expect_name!r}: got {total:#010x}, "
@@ -406,6 +415,7 @@ class StateHeader:
     checksum: int
     chunk_count: int
     chunk_bytes: int
+    checksum_kind: str = CRC32
 
 
 def state_header_to_pb(header: StateHeader) -> pb.GetStateResponse:
@@ -422,7 +432,7 @@ def state_header_to_pb(header: StateHeader) -> pb.GetStateResponse:
                 for e in header.entries
             ],
             total_bytes=header.total_bytes,
-            checksum_kind=CHECKSUM_CRC32,
+            checksum_kind=CHECKSUM_KINDS[header.checksum_kind],
             checksum=header.checksum,
             chunk_count=header.chunk_count,
             chunk_bytes=header.chunk_bytes,
@@ -445,7 +455,7 @@ def decode_state_response(data: bytes) -> StateHeader | memoryview | Malformed:
     if kind != "header":
         return Malformed("GetState message with neither header nor chunk")
     h = message.header
-    if h.checksum_kind != CHECKSUM_CRC32 or h.kind not in (STATE_BLOB, STATE_TENSORS):
+    if h.checksum_kind not in CHECKSUM_NAMES or h.kind not in (STATE_BLOB, STATE_TENSORS):
         return Malformed(f"unsupported checksum kind {h.checksum_kind} or state kind {h.kind}")
     return StateHeader(
         sender_rank=h.sender_rank,
@@ -458,4 +468,5 @@ def decode_state_response(data: bytes) -> StateHeader | memoryview | Malformed:
         checksum=h.checksum,
         chunk_count=h.chunk_count,
         chunk_bytes=h.chunk_bytes,
+        checksum_kind=CHECKSUM_NAMES[h.checksum_kind],
     )

@@ -141,3 +141,28 @@ def test_tensor_bytes_round_trip_bit_exact() -> None:
     verify_checksum([target], "t")
     back = torch.frombuffer(target.dest, dtype=torch.float64)
     assert torch.equal(back, tensor)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.binary(max_size=300), st.binary(max_size=300))
+def test_both_checksum_kinds_extend_and_combine(a: bytes, b: bytes) -> None:
+    from peer.framing import CRC32, CRC32C, _crc32c_python, checksum, checksum_combine
+
+    for kind in (CRC32, CRC32C):
+        whole = checksum(kind, a + b)
+        assert checksum_combine(kind, checksum(kind, a), checksum(kind, b), len(b)) == whole
+    # the pure-Python fallback (used only without the extension) agrees with the extension
+    assert _crc32c_python(0, a + b) == checksum(CRC32C, a + b)
+
+
+def test_receiver_verifies_the_kind_the_header_names() -> None:
+    from peer.framing import CRC32, CRC32C, checksum
+
+    data = bytes(range(256)) * 4
+    for kind in (CRC32, CRC32C):
+        head = VersionHeader(
+            0, 0, "t", "uint8", (len(data),), len(data), checksum(kind, data), 0, len(data), 2,
+            512, checksum_kind=kind,
+        )  # fmt: skip
+        decoded = decode_fetch_response(header_to_pb(head).SerializeToString())
+        assert decoded == head

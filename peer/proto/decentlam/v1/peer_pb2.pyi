@@ -11,6 +11,7 @@ class ChecksumKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     CHECKSUM_KIND_UNSPECIFIED: _ClassVar[ChecksumKind]
     CHECKSUM_KIND_CRC32: _ClassVar[ChecksumKind]
+    CHECKSUM_KIND_CRC32C: _ClassVar[ChecksumKind]
 
 class StateKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -19,6 +20,7 @@ class StateKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     STATE_KIND_TENSORS: _ClassVar[StateKind]
 CHECKSUM_KIND_UNSPECIFIED: ChecksumKind
 CHECKSUM_KIND_CRC32: ChecksumKind
+CHECKSUM_KIND_CRC32C: ChecksumKind
 STATE_KIND_UNSPECIFIED: StateKind
 STATE_KIND_BLOB: StateKind
 STATE_KIND_TENSORS: StateKind
