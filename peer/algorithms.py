@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import abc
 import logging
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -292,7 +292,8 @@ def make_rule(name: str, momentum: float = DEFAULT_MOMENTUM) -> UpdateRule:
     key = name.strip().lower().replace("_", "-")
     if key not in _RULES:
         raise ValueError(f"unknown algorithm {name!r}; choose one of: {', '.join(ALGORITHMS)}")
-    return _RULES[key](momentum=momentum)
+    rule_class: Any = _RULES[key]  # every concrete rule takes momentum=
+    return rule_class(momentum=momentum)
 
 
 def uses_global_average(rule: UpdateRule, step: int, global_average_every: int = 0) -> bool:

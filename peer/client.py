@@ -77,20 +77,22 @@ def to_exchange_error(
     """Typed exchange error for a failed RPC to ``neighbor``."""
     code = exc.code()
     message = f"{what} from peer {neighbor} failed: {code.name}: {exc.details()}"
-    where = {"neighbor": neighbor, "name": name, "step": step}
-    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return ExchangeTimeout(message, **where)
     if code == grpc.StatusCode.OUT_OF_RANGE:
         oldest = dict(exc.trailing_metadata() or ()).get(OLDEST_STEP_KEY)
         oldest_step = int(oldest) if oldest is not None and str(oldest).isdigit() else None
-        return StepEvicted(message, oldest_step=oldest_step, **where)
-    if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
-        return AuthError(message, **where)
-    if code == grpc.StatusCode.UNAVAILABLE:
-        return PeerUnavailable(message, **where)
-    if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.INTERNAL):
-        return WireError(message, **where)
-    return ExchangeError(message, **where)
+        return StepEvicted(
+            message, oldest_step=oldest_step, neighbor=neighbor, name=name, step=step
+        )
+    kind: type[ExchangeError] = ExchangeError
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        kind = ExchangeTimeout
+    elif code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+        kind = AuthError
+    elif code == grpc.StatusCode.UNAVAILABLE:
+        kind = PeerUnavailable
+    elif code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.INTERNAL):
+        kind = WireError
+    return kind(message, neighbor=neighbor, name=name, step=step)
 
 
 class PeerClient:

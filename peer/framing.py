@@ -28,7 +28,7 @@ def crc32(data: memoryview | bytes) -> int:
     return zlib.crc32(data) & 0xFFFFFFFF
 
 
-def _crc32c_extension() -> Callable[[int, memoryview | bytes], int] | None:
+def _crc32c_extension() -> Callable[[int, memoryview | bytes | bytearray], int] | None:
     try:
         import crc32c
     except ImportError:
@@ -39,7 +39,7 @@ def _crc32c_extension() -> Callable[[int, memoryview | bytes], int] | None:
 _crc32c_extend = _crc32c_extension()
 
 
-def _crc32c_python(crc: int, data: memoryview | bytes) -> int:
+def _crc32c_python(crc: int, data: memoryview | bytes | bytearray) -> int:
     # Bitwise fallback: only for verifying a CRC-32C sent by a peer that has the extension.
     crc ^= 0xFFFFFFFF
     for byte in bytes(data):
@@ -53,7 +53,7 @@ def _crc32c_python(crc: int, data: memoryview | bytes) -> int:
 DEFAULT_CHECKSUM = CRC32C if _crc32c_extend is not None else CRC32
 
 
-def checksum_extend(kind: str, crc: int, data: memoryview | bytes) -> int:
+def checksum_extend(kind: str, crc: int, data: memoryview | bytes | bytearray) -> int:
     """Continue checksum ``kind`` of earlier bytes (``crc``) over ``data``."""
     if kind == CRC32:
         return zlib.crc32(data, crc) & 0xFFFFFFFF
@@ -63,7 +63,7 @@ def checksum_extend(kind: str, crc: int, data: memoryview | bytes) -> int:
     raise ValueError(f"unknown checksum kind {kind!r}")
 
 
-def checksum(kind: str, data: memoryview | bytes) -> int:
+def checksum(kind: str, data: memoryview | bytes | bytearray) -> int:
     """Checksum ``kind`` of ``data``."""
     return checksum_extend(kind, 0, data)
 

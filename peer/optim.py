@@ -167,7 +167,8 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         by_kind: dict[tuple[torch.dtype, torch.device], list[int]] = {}
         for index, p in enumerate(self._params):
             by_kind.setdefault((p.dtype, p.device), []).append(index)
-        groups, buckets = [], []
+        groups: list[_FlatGroup] = []
+        buckets: list[_Bucket] = []
         self._spans: dict[int, tuple[int, int]] = {}
         for gi, ((dtype, device), indices) in enumerate(by_kind.items()):
             members = [self._params[i] for i in indices]
@@ -297,8 +298,8 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         self.last_exchange_stats = stats
         self._step += 1
         if self.schedule is not None:
-            for group in self.param_groups:
-                group["lr"] = self.current_lr()
+            for param_group in self.param_groups:
+                param_group["lr"] = self.current_lr()
         return loss
 
     def _wait(self, handle: Handle) -> torch.Tensor:
@@ -372,8 +373,10 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         for group, saved in zip(self._groups, state_dict["flat_state"], strict=True):
             for name, value in group.state.items():
                 value.copy_(saved[name])
-        for group, saved_group in zip(self.param_groups, state_dict["param_groups"], strict=True):
-            group.update(saved_group)
+        for param_group, saved_group in zip(
+            self.param_groups, state_dict["param_groups"], strict=True
+        ):
+            param_group.update(saved_group)
         self._step = int(state_dict["step"])
         self._in_flight.clear()
 

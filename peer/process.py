@@ -134,7 +134,9 @@ def _exchange_config(manifest: Any, token: str | None) -> Any:
 def _tls_config(tls: Any) -> Any:
     from peer.security import TlsConfig
 
-    return TlsConfig(cert=tls.cert, key=tls.key, ca=tls.ca, mutual=tls.mutual)
+    return TlsConfig(
+        cert_path=str(tls.cert), key_path=str(tls.key), ca_path=str(tls.ca), mutual=tls.mutual
+    )
 
 
 def read_token(path: Path | None) -> str | None:
@@ -204,6 +206,8 @@ def run_peer(options: PeerOptions) -> TrainResult:
 
     token = read_token(manifest.security.token_file)
     comm = _start_communicator(manifest, me, topology, registry, token, options)
+    for neighbor in contacts(topology, rank, world_size, False):
+        metrics.set_neighbor_up(neighbor, True)
     trainer: Trainer | None = None
     try:
         torch.manual_seed(training.seed)

@@ -186,6 +186,7 @@ class PeerServicer:
             if limiter is not None:
                 await limiter.acquire(len(piece))
             yield encode_chunk(piece)
+        assert caller is not None  # rejected above otherwise
         peer.metrics.served(caller, length, header.chunk_count)
         peer.metrics.handled("Fetch", time.perf_counter() - started)
 
@@ -220,6 +221,7 @@ class PeerServicer:
                 f"peer {peer.rank} has no state provider registered "
                 "(the training loop must call set_state_provider first)",
             )
+        assert provider is not None  # context.abort raised otherwise
         step, state = await asyncio.to_thread(provider)
         is_blob, entries, payload = await asyncio.to_thread(pack_state, state)
         chunk_bytes = self._chunk_bytes(request.max_chunk_bytes)

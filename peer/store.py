@@ -34,7 +34,7 @@ _side_streams: dict[int, torch.cuda.Stream] = {}
 
 def byte_view(tensor: torch.Tensor) -> memoryview:
     """Zero-copy byte view of a contiguous CPU tensor."""
-    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
 
 
 def _side_stream(device: torch.device) -> torch.cuda.Stream:

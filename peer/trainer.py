@@ -225,10 +225,12 @@ class Trainer:
             loss.backward()
             try:
                 self.optimizer.step()
-            except ExchangeError:
+            except ExchangeError as exc:
                 if self.stop_event.is_set():
                     logger.warning("stop requested: step %d abandoned", self.step)
                     break  # parameters untouched: the checkpoint below is at self.step
+                if self.metrics is not None and exc.neighbor is not None:
+                    self.metrics.set_neighbor_up(exc.neighbor, False)
                 raise
             loss_value = float(loss.detach())
             elapsed = time.perf_counter() - begin

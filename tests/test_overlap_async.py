@@ -100,10 +100,15 @@ def test_async_converges_with_a_slow_peer_within_staleness_bound(
     fabric = InMemoryFabric(n, make_topology("ring", n), retained_versions=staleness + 2)
     results: dict[int, Any] = {}
     errors: list[BaseException] = []
+    # Built here, not in the threads: task factories seed torch's global generator, which the
+    # threads of one process would share (separate peer processes do not have that problem).
+    tasks = [
+        build_task("digits", r, n, {"seed": 0, "batch_size": 32, "alpha": 1.0}) for r in range(n)
+    ]
 
     def peer(rank: int) -> None:
         try:
-            task = build_task("digits", rank, n, {"seed": 0, "batch_size": 32, "alpha": 1.0})
+            task = tasks[rank]
             if rank == slow_rank:
                 loss = task.loss
                 task.loss = lambda model, batch: (time.sleep(slow_seconds), loss(model, batch))[1]
