@@ -177,3 +177,70 @@ def test_peer_command_user_errors(tmp_path: Path, capsys) -> None:
     assert "give --rank" in capsys.readouterr().err
     assert main(["peer", "--manifest", str(manifest_path), "--rank", "9"]) == 2
     assert "rank" in capsys.readouterr().err
+
+
+def test_secure_cluster_with_token_and_mutual_tls(tmp_path: Path) -> None:
+    from tests.test_security import make_certificates
+
+    files = make_certificates(tmp_path)
+    (tmp_path / "token").write_text("s3cret-token\n")
+    manifest_path = write_manifest(
+        tmp_path / "m.yaml", algorithm="decentlam", graph="ring", steps=10
+    )
+    manifest = load_manifest(manifest_path)
+    secured = manifest.to_dict()
+    secured["security"] = {
+        "token_file": "token",
+        "tls": {"cert": files["peer0.crt"].name, "key": files["peer0.key"].name,
+                "ca": files["ca.crt"].name, "mutual": True},
+    }  # fmt: skip
+    import yaml
+
+    manifest_path.write_text(yaml.safe_dump(secured))
+    run_cluster(manifest_path, tmp_path / "out")
+    assert all((tmp_path / "out" / f"rank-{r}.pt").exists() for r in range(N))
+
+
+def test_sigterm_checkpoints_and_exits_zero_then_resume_matches_simulator(tmp_path: Path) -> None:
+    # First leg: stop every peer with SIGTERM while it trains.
+    manifest_path = write_manifest(
+        tmp_path / "m.yaml", algorithm="decentlam", graph="ring", steps=100_000
+    )
+    out = tmp_path / "stopped"
+    cluster = LocalCluster(manifest_path, out, ["--linger-seconds", "5"])
+    cluster.start()
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not all(
+            (progress.step or 0) >= 5 for progress in cluster.progress().values()
+        ):
+            time.sleep(0.2)
+        cluster.signal_all(signal.SIGTERM)
+        assert cluster.wait(60), "peers did not stop after SIGTERM"
+        assert [p.process.returncode for p in cluster.peers] == [0] * N
+    finally:
+        cluster.stop(grace_seconds=5)
+    for rank in range(N):
+        saved = torch.load(out / f"rank-{rank}.pt", weights_only=False)
+        assert 5 <= saved["step"] < 100_000
+        assert json.loads((out / f"peer-{rank}.json").read_text())["stopped_early"]
+
+    # Second leg: a consistent cut (checkpoint at step 10 on every peer), resumed to 20 steps,
+    # equals 20 uninterrupted steps of the simulator.
+    short = write_manifest(tmp_path / "short.yaml", algorithm="decentlam", graph="ring", steps=10)
+    run_cluster(short, tmp_path / "resume")
+    longer = load_manifest(short).to_dict()
+    longer["training"]["steps"] = 20
+    import yaml
+
+    (tmp_path / "long.yaml").write_text(yaml.safe_dump(longer))
+    run_cluster(tmp_path / "long.yaml", tmp_path / "resume", "--resume")
+    got = final_params(tmp_path / "resume")
+    problem = LinearRegressionProblem(n=N, dim=10, samples_per_node=50, seed=3)
+    sim = Simulator(
+        "decentlam", load_manifest(short).build_topology(), problem, lr=LR, momentum=0.9,
+        dtype=torch.float64,
+    )  # fmt: skip
+    sim.run(20)
+    assert float((got - sim.params).norm() / sim.params.norm()) <= 1e-10
+    assert json.loads((tmp_path / "resume" / "peer-0.json").read_text())["start_step"] == 10
