@@ -133,6 +133,7 @@ class TrainingMetrics:
         self.info.info({"rank": self.rank, **{k: str(v) for k, v in (build or {}).items()}})
         if process_collector:
             ProcessCollector(registry=registry)
+        self._up: dict[int, bool] = {}  # last neighbour state set, to skip redundant updates
         self._last_step_time: float | None = None
         self._rate = 0.0
 
@@ -169,7 +170,8 @@ class TrainingMetrics:
         self.learning_rate.set(learning_rate)
         for neighbor, used in (used_steps or {}).items():
             self.staleness.observe(max(0, (step - 1) - used))
-            self._neighbor_up.labels(self.rank, str(neighbor)).set(1)
+            if self._up.get(neighbor) is not True:
+                self.set_neighbor_up(neighbor, True)
         now = time.monotonic()
         if self._last_step_time is not None:
             instant = 1.0 / max(1e-9, now - self._last_step_time)
@@ -184,4 +186,5 @@ class TrainingMetrics:
 
     def set_neighbor_up(self, neighbor: int, up: bool) -> None:
         """Mark a neighbour as answering (1) or not (0)."""
+        self._up[neighbor] = up
         self._neighbor_up.labels(self.rank, str(neighbor)).set(1 if up else 0)
