@@ -17,26 +17,12 @@ from collections.abc import Mapping
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.process_collector import ProcessCollector
 
+from peer.metrics import LATENCY_BUCKETS_SECONDS
+
 logger = logging.getLogger(__name__)
 
-# 1 ms .. 60 s, roughly x2.5 apart: iteration times of tiny CPU models up to large GPU ones.
-ITERATION_BUCKETS_SECONDS = (
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-    30.0,
-    60.0,
-)
+# Iteration times of tiny CPU models up to large GPU ones: the exchange latency buckets.
+ITERATION_BUCKETS_SECONDS = LATENCY_BUCKETS_SECONDS
 STALENESS_BUCKETS_STEPS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 32)
 
 
