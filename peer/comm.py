@@ -164,6 +164,18 @@ class Communicator(abc.ABC):
         """Blocking form of :meth:`global_average_async`."""
         return self.global_average_async(name, tensor, step).wait(timeout)
 
+    def publish(self, name: str, tensor: torch.Tensor, step: int) -> torch.Tensor | None:
+        """Publish ``(name, step)`` without mixing (e.g. republishing after a resume)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot publish alone")
+
+    def retained_versions(self, min_step: int) -> dict[str, dict[int, torch.Tensor]]:
+        """This peer's own published versions with step >= ``min_step``, per name.
+
+        A checkpoint stores them and a resumed peer republishes them, so that neighbours that
+        stopped a step behind can still fetch the vectors they need to catch up.
+        """
+        return {}
+
     def close(self) -> None:  # noqa: B027 - optional hook, most transports override it
         """Release channels, threads and retained buffers."""
 
@@ -481,3 +493,16 @@ class InMemoryCommunicator(Communicator):
         n = self.world_size
         others = {j: 1.0 / n for j in range(n) if j != self.rank}
         return self.neighbor_average_async(GLOBAL_PREFIX + name, tensor, step, 1.0 / n, others)
+
+    def publish(self, name: str, tensor: torch.Tensor, step: int) -> torch.Tensor | None:
+        self.fabric._board.publish(self.rank, name, step, tensor)
+        return None
+
+    def retained_versions(self, min_step: int) -> dict[str, dict[int, torch.Tensor]]:
+        board = self.fabric._board
+        with board.cond:
+            return {
+                name: {s: t for s, t in steps.items() if s >= min_step}
+                for (rank, name), steps in board.versions.items()
+                if rank == self.rank and any(s >= min_step for s in steps)
+            }

@@ -216,6 +216,20 @@ class GrpcCommunicator(Communicator):
 
         return self._loop_thread.run(steps(), self.config.connect_deadline_seconds)
 
+    def retained_versions(self, min_step: int) -> dict[str, dict[int, torch.Tensor]]:
+        """Own retained versions with step >= ``min_step`` (host copies), per name."""
+
+        async def export() -> dict[str, dict[int, torch.Tensor]]:
+            found = self._node.served.store.export(min_step)
+            out: dict[str, dict[int, torch.Tensor]] = {}
+            for name, versions in found.items():
+                for step, version in versions.items():
+                    await version.wait_ready()
+                    out.setdefault(name, {})[step] = version.host
+            return out
+
+        return self._loop_thread.run(export(), self.config.connect_deadline_seconds)
+
     def publish(self, name: str, tensor: torch.Tensor, step: int) -> torch.Tensor:
         """Publish ``tensor`` as ``(name, step)`` without fetching; returns the snapshot."""
         own, version = snapshot(tensor, name, step)

@@ -185,6 +185,14 @@ class VersionStore:
             # No await between the lookup and taking the event: an insert cannot slip between.
             await asyncio.wait_for(self._published.wait(), timeout=max(0.0, deadline - loop.time()))
 
+    def export(self, min_step: int) -> dict[str, dict[int, Version]]:
+        """Retained versions with step >= ``min_step``, per name (for checkpoints)."""
+        return {
+            name: {step: v for step, v in steps.items() if step >= min_step}
+            for name, steps in self._versions.items()
+            if any(step >= min_step for step in steps)
+        }
+
     def retained_steps(self) -> dict[str, list[int]]:
         """Retained steps per name, oldest first."""
         return {name: list(steps) for name, steps in self._versions.items()}

@@ -146,6 +146,12 @@ class Trainer:
         self.optimizer.load_state_dict(payload["optimizer"])
         set_rng_state(payload["rng"])
         self.step = int(payload["step"])
+        published = payload.get("published") or {}
+        if published and self.communicator is not None:
+            # Neighbours that stopped a step or two behind need these to catch up.
+            for name, versions in published.items():
+                for step, tensor in sorted(versions.items()):
+                    self.communicator.publish(name, tensor, int(step))
         logger.info("resumed from %s at step %d", path, self.step)
         return True
 
@@ -153,12 +159,19 @@ class Trainer:
         """Write this peer's checkpoint now (atomic)."""
         if self.config.checkpoint_dir is None:
             return None
+        extra = None
+        if self.communicator is not None:
+            # Peers stopped by a signal are at most max_staleness + 1 steps apart: keep the
+            # vectors this peer published for those steps (see maybe_resume).
+            window = self.step - (self.config.max_staleness + 1)
+            extra = {"published": self.communicator.retained_versions(window)}
         return save_checkpoint(
             self.config.checkpoint_dir,
             self.rank,
             model=self.model,
             optimizer=self.optimizer,
             step=self.step,
+            extra=extra,
         )
 
     def consensus_distance(self) -> float:

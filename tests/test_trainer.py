@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 
-from peer.comm import InMemoryFabric
+from peer.comm import InMemoryCommunicator, InMemoryFabric
 from peer.optim import make_optimizer
 from peer.problems import LinearRegressionProblem
 from peer.simulator import Simulator
@@ -26,6 +26,23 @@ STEPS = 30
 LR = 0.05
 
 
+class AbandoningCommunicator(InMemoryCommunicator):
+    """Publishes its vector for ``step`` and then gets a stop request while it waits, as a
+    peer does when SIGTERM arrives mid-exchange: its neighbours can complete that step, it
+    abandons it, and the peers checkpoint one step apart."""
+
+    def __init__(self, fabric: InMemoryFabric, rank: int, step: int) -> None:
+        super().__init__(fabric, rank)
+        self.abandon_step = step
+        self.stop: Any = None
+
+    def neighbor_average_async(self, name, tensor, step, *args, **kwargs):  # type: ignore[no-untyped-def]
+        handle = super().neighbor_average_async(name, tensor, step, *args, **kwargs)
+        if step == self.abandon_step and not name.startswith("consensus"):
+            self.stop()
+        return handle
+
+
 def _run_threads(
     algorithm: str,
     graph: str,
@@ -36,6 +53,7 @@ def _run_threads(
     resume: bool = False,
     checkpoint_every: int = 0,
     stop_at: int | None = None,
+    abandon: tuple[int, int] | None = None,
 ) -> dict[int, Any]:
     topo = make_topology(graph, N, weights="uniform")
     fabric = InMemoryFabric(N, topo, deadline_seconds=20)
@@ -46,6 +64,8 @@ def _run_threads(
         try:
             task = build_task("linreg", rank, N, {"seed": 3, "batch_size": 0})
             comm = fabric.communicator(rank)
+            if abandon is not None and rank == abandon[0]:
+                comm = AbandoningCommunicator(fabric, rank, abandon[1])
             opt = make_optimizer(
                 algorithm, task.model.parameters(), lr=LR, momentum=0.9, communicator=comm,
                 overlap=overlap,
@@ -57,7 +77,9 @@ def _run_threads(
                     checkpoint_every=checkpoint_every,
                 ),
             )  # fmt: skip
-            if stop_at is not None:
+            if isinstance(comm, AbandoningCommunicator):
+                comm.stop = trainer.request_stop
+            elif stop_at is not None:
                 trainer.on_step = lambda k, loss: trainer.request_stop() if k >= stop_at else None
             result = trainer.run()
             results[rank] = (result, task.model.x.detach().clone())
@@ -109,3 +131,16 @@ def test_stop_then_resume_reproduces_uninterrupted_run(tmp_path: Path) -> None:
         saved = torch.load(tmp_path / f"rank-{rank}.pt", weights_only=False)
         assert saved["step"] == 20
         assert set(saved) >= {"model", "optimizer", "step", "rng"}
+
+
+def test_resume_after_a_stop_that_left_peers_a_step_apart(tmp_path: Path) -> None:
+    full = _run_threads("decentlam", "ring", 20, overlap=True)
+    # peer 0 abandons step 8 after publishing it; the others complete step 8 and stop at 9
+    part = _run_threads(
+        "decentlam", "ring", 20, overlap=True, out=tmp_path, stop_at=9, abandon=(0, 8)
+    )
+    assert part[0][0].steps == 8
+    assert all(part[r][0].steps == 9 for r in range(1, N))
+    resumed = _run_threads("decentlam", "ring", 20, overlap=True, out=tmp_path, resume=True)
+    for rank in range(N):
+        assert torch.equal(resumed[rank][1], full[rank][1])
