@@ -122,6 +122,7 @@ class Communicator(abc.ABC):
         src_weights: Mapping[int, float] | None = None,
         *,
         max_staleness: int = 0,
+        copy: bool = True,
     ) -> Handle:
         """Publish ``tensor`` as ``(name, step)`` and start mixing it with the in-neighbours'.
 
@@ -132,14 +133,20 @@ class Communicator(abc.ABC):
             self_weight: ``w_ii``; with ``src_weights`` overrides the topology's view at ``step``.
             src_weights: ``{j: w_ij}`` for the in-neighbours to fetch from.
             max_staleness: accept a neighbour's version from steps ``[step - T, step]``.
+            copy: ``False`` hands ``tensor`` over instead of snapshotting it: the caller
+                promises never to modify it again (the optimizer's fresh messages), which saves
+                one copy of the vector per exchange.
 
         Returns:
             A :class:`Handle` whose ``wait()`` gives ``w_ii * tensor + sum_j w_ij * x_j``.
         """
 
     @abc.abstractmethod
-    def global_average_async(self, name: str, tensor: torch.Tensor, step: int) -> Handle:
-        """Publish ``tensor`` and start computing the exact average over all peers."""
+    def global_average_async(
+        self, name: str, tensor: torch.Tensor, step: int, *, copy: bool = True
+    ) -> Handle:
+        """Publish ``tensor`` and start computing the exact average over all peers
+        (``copy`` as in :meth:`neighbor_average_async`)."""
 
     def neighbor_average(
         self,
@@ -273,8 +280,10 @@ class _Board:
         self.versions: dict[tuple[int, str], OrderedDict[int, torch.Tensor]] = {}
         self.publish_times: dict[tuple[int, str, int], float] = {}
 
-    def publish(self, rank: int, name: str, step: int, tensor: torch.Tensor) -> None:
-        snapshot = tensor.detach().clone()
+    def publish(
+        self, rank: int, name: str, step: int, tensor: torch.Tensor, *, copy: bool = True
+    ) -> None:
+        snapshot = tensor.detach().clone() if copy else tensor.detach()
         with self.cond:
             retained = self.versions.setdefault((rank, name), OrderedDict())
             retained[step] = snapshot
@@ -466,14 +475,15 @@ class InMemoryCommunicator(Communicator):
         src_weights: Mapping[int, float] | None = None,
         *,
         max_staleness: int = 0,
+        copy: bool = True,
     ) -> Handle:
         if max_staleness < 0:
             raise ValueError(f"max_staleness must be >= 0, got {max_staleness}")
         weight, weights = resolve_weights(
             self.fabric.topology, self.rank, step, self_weight, src_weights
         )
-        own = tensor.detach().clone()
-        self.fabric._board.publish(self.rank, name, step, own)
+        own = tensor.detach().clone() if copy else tensor.detach()
+        self.fabric._board.publish(self.rank, name, step, own, copy=False)
         if not weights:
             return CompletedHandle(own.mul(weight))
         return _InMemoryHandle(
@@ -489,10 +499,14 @@ class InMemoryCommunicator(Communicator):
             self.rank,
         )
 
-    def global_average_async(self, name: str, tensor: torch.Tensor, step: int) -> Handle:
+    def global_average_async(
+        self, name: str, tensor: torch.Tensor, step: int, *, copy: bool = True
+    ) -> Handle:
         n = self.world_size
         others = {j: 1.0 / n for j in range(n) if j != self.rank}
-        return self.neighbor_average_async(GLOBAL_PREFIX + name, tensor, step, 1.0 / n, others)
+        return self.neighbor_average_async(
+            GLOBAL_PREFIX + name, tensor, step, 1.0 / n, others, copy=copy
+        )
 
     def publish(self, name: str, tensor: torch.Tensor, step: int) -> torch.Tensor | None:
         self.fabric._board.publish(self.rank, name, step, tensor)

@@ -101,14 +101,17 @@ class TorchDistributedCommunicator(Communicator):
         src_weights: Mapping[int, float] | None = None,
         *,
         max_staleness: int = 0,
+        copy: bool = True,
     ) -> Handle:
         raise NotImplementedError(
             "torch.distributed transport only averages globally (pmsgd); use the gRPC "
             "communicator for decentralized methods"
         )
 
-    def global_average_async(self, name: str, tensor: torch.Tensor, step: int) -> Handle:
-        buffer = tensor.detach().clone()
+    def global_average_async(
+        self, name: str, tensor: torch.Tensor, step: int, *, copy: bool = True
+    ) -> Handle:
+        buffer = tensor.detach().clone() if copy else tensor.detach()
         work = dist.all_reduce(buffer, op=dist.ReduceOp.SUM, async_op=True)
         return _AllReduceHandle(work, buffer, self.world_size, step)
 

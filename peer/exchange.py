@@ -230,9 +230,12 @@ class GrpcCommunicator(Communicator):
 
         return self._loop_thread.run(export(), self.config.connect_deadline_seconds)
 
-    def publish(self, name: str, tensor: torch.Tensor, step: int) -> torch.Tensor:
-        """Publish ``tensor`` as ``(name, step)`` without fetching; returns the snapshot."""
-        own, version = snapshot(tensor, name, step)
+    def publish(
+        self, name: str, tensor: torch.Tensor, step: int, *, copy: bool = True
+    ) -> torch.Tensor:
+        """Publish ``tensor`` as ``(name, step)`` without fetching; returns the snapshot
+        (``tensor`` itself with ``copy=False``: the caller no longer modifies it)."""
+        own, version = snapshot(tensor, name, step, copy=copy)
         self._loop_thread.loop.call_soon_threadsafe(self._node.served.store.insert, version)
         return own
 
@@ -245,13 +248,14 @@ class GrpcCommunicator(Communicator):
         src_weights: Mapping[int, float] | None = None,
         *,
         max_staleness: int = 0,
+        copy: bool = True,
     ) -> Handle:
         if max_staleness < 0:
             raise ValueError(f"max_staleness must be >= 0, got {max_staleness}")
         if self._closed:
             raise RuntimeError("communicator is closed")
         weight, weights = resolve_weights(self.topology, self.rank, step, self_weight, src_weights)
-        own = self.publish(name, tensor, step)
+        own = self.publish(name, tensor, step, copy=copy)
         if not weights:
             return CompletedHandle(own.mul(weight))
         deadline_seconds = self.config.fetch_deadline_seconds
@@ -263,10 +267,14 @@ class GrpcCommunicator(Communicator):
         )
         return GrpcHandle(self, name, step, own, weight, weights, deadline_seconds, future, pending)
 
-    def global_average_async(self, name: str, tensor: torch.Tensor, step: int) -> Handle:
+    def global_average_async(
+        self, name: str, tensor: torch.Tensor, step: int, *, copy: bool = True
+    ) -> Handle:
         n = self.world_size
         others = {j: 1.0 / n for j in range(n) if j != self.rank}
-        return self.neighbor_average_async(GLOBAL_PREFIX + name, tensor, step, 1.0 / n, others)
+        return self.neighbor_average_async(
+            GLOBAL_PREFIX + name, tensor, step, 1.0 / n, others, copy=copy
+        )
 
     def fetch(
         self,

@@ -230,16 +230,19 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         x = group.data[bucket.start : bucket.end]
         g = group.grad[bucket.start : bucket.end]
         weight_decay = self.param_groups[0]["weight_decay"]
-        g = g + weight_decay * x if weight_decay else g.clone()
+        # A view is enough without weight decay: the flat gradient is not touched again before
+        # this step's apply (zero_grad comes with the next step).
+        g = g + weight_decay * x if weight_decay else g
         state = {key: value[bucket.start : bucket.end] for key, value in group.state.items()}
         lr = self.current_lr()
         k = self._step
         msg = self.rule.outgoing(x, g, state, lr, k)
+        # msg is a fresh tensor nobody modifies: hand it over instead of having it copied.
         if uses_global_average(self.rule, k, self.global_average_every):
-            handle = self.communicator.global_average_async(bucket.name, msg, k)
+            handle = self.communicator.global_average_async(bucket.name, msg, k, copy=False)
         else:
             handle = self.communicator.neighbor_average_async(
-                bucket.name, msg, k, max_staleness=self.max_staleness
+                bucket.name, msg, k, max_staleness=self.max_staleness, copy=False
             )
         self._in_flight[b] = _InFlight(handle, g, lr)
 

@@ -89,19 +89,25 @@ class Version:
         return await asyncio.to_thread(checksum, DEFAULT_CHECKSUM, self.payload)
 
 
-def snapshot(tensor: torch.Tensor, name: str, step: int) -> tuple[torch.Tensor, Version]:
+def snapshot(
+    tensor: torch.Tensor, name: str, step: int, *, copy: bool = True
+) -> tuple[torch.Tensor, Version]:
     """Snapshot ``tensor`` for publishing; safe to mutate ``tensor`` right after.
 
     Args:
         tensor: the vector (any device, any layout).
         name: its name.
         step: its step.
+        copy: ``False`` uses ``tensor`` itself when it is already contiguous (the caller hands
+            it over and never modifies it again).
 
     Returns:
         ``(own, version)``: ``own`` is a contiguous clone on the tensor's device (the peer's own
         term of the average); ``version`` holds the host copy that neighbours are served from.
     """
-    own = tensor.detach().clone(memory_format=torch.contiguous_format)
+    own = tensor.detach()
+    if copy or not own.is_contiguous():
+        own = own.clone(memory_format=torch.contiguous_format)
     ready = None
     if own.is_cuda:
         host = torch.empty(own.shape, dtype=own.dtype, pin_memory=True)

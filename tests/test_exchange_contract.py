@@ -119,3 +119,16 @@ def test_damp_stale_weights_keeps_rows_stochastic_and_fresh_weights_exact() -> N
     self_weight, weights = damp_stale_weights(0.5, {1: 0.25, 2: 0.25}, {1: 6, 2: 4}, 7)
     assert weights == {1: 0.125, 2: 0.0625}
     assert abs(self_weight + sum(weights.values()) - 1.0) < 1e-15
+
+
+def test_copy_snapshots_and_handover_does_not(make_peers: MakePeers) -> None:
+    a, b = make_peers(2)
+    x = torch.ones(1024)
+    b.neighbor_average_async("c", x, 0, 1.0, {0: 0.0})  # copied: mutating x is safe
+    x.add_(1.0)
+    assert torch.equal(
+        a.neighbor_average("c", torch.zeros(1024), 0, 0.0, {1: 1.0}), torch.ones(1024)
+    )
+    handed = torch.full((1024,), 3.0)
+    b.neighbor_average_async("h", handed, 0, 1.0, {0: 0.0}, copy=False)  # handed over
+    assert torch.equal(a.neighbor_average("h", torch.zeros(1024), 0, 0.0, {1: 1.0}), handed)
