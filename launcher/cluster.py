@@ -28,18 +28,6 @@ logger = logging.getLogger(__name__)
 SCRAPE_TIMEOUT_SECONDS = 1.0
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
-    """Child set-up: own session (Ctrl-C reaches only the launcher, which forwards it) and,
-    on Linux, SIGTERM when the launcher dies, so no peer outlives a killed launcher."""
-    os.setsid()
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        pr_set_pdeathsig = 1
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
-
-
 def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
     """``count`` distinct ports the OS reports free right now (all held open while choosing)."""
     sockets = []
@@ -158,6 +146,8 @@ class LocalCluster:
             **os.environ,
             **self.env,
             "PYTHONUNBUFFERED": "1",
+            # the peer asks the kernel for SIGTERM when this process dies (no orphans)
+            "DECENTLAM_PARENT_PID": str(os.getpid()),
         }
         for rank in ranks:
             spec = manifest.peer(rank)
@@ -170,7 +160,7 @@ class LocalCluster:
             with open(log_path, "ab") as log:
                 process = subprocess.Popen(
                     command, stdout=log, stderr=subprocess.STDOUT, env=env,
-                    preexec_fn=_die_with_parent,  # the launcher starts no threads before this
+                    start_new_session=True,  # Ctrl-C reaches the launcher only; it forwards it
                 )  # fmt: skip
             url = None
             if spec.metrics_port is not None:

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -163,6 +164,9 @@ def run_peer(options: PeerOptions) -> TrainResult:
 
     from topology.manifest import load_manifest
 
+    # Handlers first: a SIGTERM during set-up must also end in a checkpoint and exit 0.
+    stop = threading.Event()
+    _install_signal_handlers(stop)
     threads = os.environ.get("DECENTLAM_TORCH_THREADS")
     if threads:
         torch.set_num_threads(max(1, int(threads)))
@@ -238,8 +242,8 @@ def run_peer(options: PeerOptions) -> TrainResult:
             metrics=metrics,
             on_step=lambda step, loss: comm.set_current_step(step),
             bytes_sent=lambda: sent_bytes(registry),
+            stop_event=stop,
         )
-        _install_signal_handlers(trainer)
         result = trainer.run()
         # current_step = steps + 1 says "finished, final evaluation included" to the readers.
         comm.set_current_step(trainer.step + 1)
@@ -390,10 +394,10 @@ def default_dist_init(manifest: Any) -> str:
     return f"tcp://{first.address.rsplit(':', 1)[0]}:{(first.port + 1000 - 1) % 65535 + 1}"
 
 
-def _install_signal_handlers(trainer: Trainer) -> None:
+def _install_signal_handlers(stop: threading.Event) -> None:
     def handler(signum: int, frame: Any) -> None:
         logger.warning("signal %d: stopping after the current step", signum)
-        trainer.request_stop()
+        stop.set()
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         try:

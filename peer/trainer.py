@@ -100,6 +100,7 @@ class Trainer:
         metrics: Prometheus collectors (optional).
         on_step: called after every iteration with ``(step, loss)`` (e.g. to publish progress).
         bytes_sent: callable returning the bytes this peer has served so far (for the summary).
+        stop_event: set to stop (e.g. by a signal handler installed before the trainer existed).
     """
 
     def __init__(
@@ -113,6 +114,7 @@ class Trainer:
         metrics: TrainingMetrics | None = None,
         on_step: Callable[[int, float], None] | None = None,
         bytes_sent: Callable[[], int] | None = None,
+        stop_event: threading.Event | None = None,
     ) -> None:
         self.task = task
         self.model: torch.nn.Module = task.model
@@ -123,7 +125,7 @@ class Trainer:
         self.metrics = metrics
         self.on_step = on_step
         self.bytes_sent = bytes_sent
-        self.stop_event = threading.Event()
+        self.stop_event = stop_event if stop_event is not None else threading.Event()
         if hasattr(optimizer, "interrupt"):
             optimizer.interrupt = self.stop_event
         self.step = 0

@@ -244,3 +244,32 @@ def test_sigterm_checkpoints_and_exits_zero_then_resume_matches_simulator(tmp_pa
     sim.run(total)
     assert float((got - sim.params).norm() / sim.params.norm()) <= 1e-10
     assert all(json.loads((out / f"peer-{r}.json").read_text())["steps"] == total for r in range(N))
+
+
+def test_peers_stop_when_the_launcher_is_killed(tmp_path: Path) -> None:
+    manifest_path = write_manifest(tmp_path / "m.yaml", algorithm="dsgd", graph="ring", steps=10**6)
+    out = tmp_path / "out"
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "launcher.cli", "launch", "--manifest", str(manifest_path),
+         "--out", str(out), "--quiet"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not all(
+            "serving on port" in (p.read_text() if p.exists() else "")
+            for p in (out / "logs" / f"rank-{r}.log" for r in range(N))
+        ):
+            time.sleep(0.2)
+        launcher.kill()  # SIGKILL: no chance to forward anything
+        launcher.wait(timeout=10)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and len(list(out.glob("peer-*.json"))) < N:
+            time.sleep(0.2)
+        # every orphan got SIGTERM from the kernel, checkpointed and wrote its result
+        assert len(list(out.glob("peer-*.json"))) == N
+        assert all(json.loads(p.read_text())["stopped_early"] for p in out.glob("peer-*.json"))
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+        subprocess.run(["pkill", "-f", "--", f"--out {out}"], check=False)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
+import sys
 from pathlib import Path
 
 from launcher.errors import UsageError
@@ -52,10 +54,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
+def die_with_parent() -> None:
+    """Under a launcher (``DECENTLAM_PARENT_PID`` set): get SIGTERM when it dies (Linux).
+
+    Done here rather than in a ``preexec_fn``, which is unsafe in a multi-threaded parent. If
+    the launcher is already gone by now, stop at once.
+    """
+    parent = os.environ.get("DECENTLAM_PARENT_PID")
+    if not parent or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+    if str(os.getppid()) != parent:
+        raise UsageError(f"launcher (pid {parent}) is gone: not starting")
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the peer; exit 0 on success or a clean stop."""
     from peer.process import PeerOptions, PeerSetupError, run_peer
 
+    die_with_parent()
     manifest = args.manifest or os.environ.get("DECENTLAM_MANIFEST")
     if not manifest:
         raise UsageError("--manifest is required (or set DECENTLAM_MANIFEST)")
