@@ -141,12 +141,20 @@ class Communicator(abc.ABC):
             A :class:`Handle` whose ``wait()`` gives ``w_ii * tensor + sum_j w_ij * x_j``.
         """
 
-    @abc.abstractmethod
     def global_average_async(
         self, name: str, tensor: torch.Tensor, step: int, *, copy: bool = True
     ) -> Handle:
         """Publish ``tensor`` and start computing the exact average over all peers
-        (``copy`` as in :meth:`neighbor_average_async`)."""
+        (``copy`` as in :meth:`neighbor_average_async`).
+
+        Every transport that can fetch from any peer gets it for free: a neighbour average with
+        weight ``1/n`` on everybody, under a ``global/`` name any peer may read.
+        """
+        n = self.world_size
+        others = {j: 1.0 / n for j in range(n) if j != self.rank}
+        return self.neighbor_average_async(
+            GLOBAL_PREFIX + name, tensor, step, 1.0 / n, others, copy=copy
+        )
 
     def neighbor_average(
         self,
@@ -497,15 +505,6 @@ class InMemoryCommunicator(Communicator):
             self.fabric.deadline_seconds,
             lambda src: self._delay(src, own.numel() * own.element_size()),
             self.rank,
-        )
-
-    def global_average_async(
-        self, name: str, tensor: torch.Tensor, step: int, *, copy: bool = True
-    ) -> Handle:
-        n = self.world_size
-        others = {j: 1.0 / n for j in range(n) if j != self.rank}
-        return self.neighbor_average_async(
-            GLOBAL_PREFIX + name, tensor, step, 1.0 / n, others, copy=copy
         )
 
     def publish(self, name: str, tensor: torch.Tensor, step: int) -> torch.Tensor | None:

@@ -30,7 +30,6 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from peer.comm import (
-    GLOBAL_PREFIX,
     Communicator,
     CompletedHandle,
     ExchangeStats,
@@ -266,15 +265,6 @@ class GrpcCommunicator(Communicator):
             )
         )
         return GrpcHandle(self, name, step, own, weight, weights, deadline_seconds, future, pending)
-
-    def global_average_async(
-        self, name: str, tensor: torch.Tensor, step: int, *, copy: bool = True
-    ) -> Handle:
-        n = self.world_size
-        others = {j: 1.0 / n for j in range(n) if j != self.rank}
-        return self.neighbor_average_async(
-            GLOBAL_PREFIX + name, tensor, step, 1.0 / n, others, copy=copy
-        )
 
     def fetch(
         self,
