@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import time
 from collections.abc import Mapping
 
 import torch
@@ -18,6 +19,8 @@ from peer.comm import Communicator, ExchangeStats, Handle
 from peer.errors import ExchangeTimeout
 
 logger = logging.getLogger(__name__)
+
+POLL_SECONDS = 0.0005
 
 
 class _AllReduceHandle(Handle):
@@ -34,16 +37,21 @@ class _AllReduceHandle(Handle):
 
     def wait(self, timeout: float | None = None) -> torch.Tensor:
         if self._result is None:
-            import time
-
             start = time.monotonic()
             if timeout is None:
                 self._work.wait()
-            elif not self._work.wait(datetime.timedelta(seconds=timeout)):
-                raise ExchangeTimeout(
-                    f"all-reduce of step {self._step} did not finish within {timeout} s",
-                    step=self._step,
-                )
+            else:
+                # Work.wait(timeout) fails the collective itself when it times out (gloo raises
+                # "Operation timed out!"), so a short, repeatable wait polls instead.
+                deadline = start + timeout
+                while not self._work.is_completed():
+                    if time.monotonic() >= deadline:
+                        raise ExchangeTimeout(
+                            f"all-reduce of step {self._step} did not finish within {timeout} s",
+                            step=self._step,
+                        )
+                    time.sleep(POLL_SECONDS)
+                self._work.wait()  # completed: surfaces a failed collective's error
             self._result = self._buffer.div_(self._world_size)
             self.stats.wait_seconds = time.monotonic() - start
             self.stats.bytes_received = self._buffer.numel() * self._buffer.element_size()
