@@ -156,6 +156,20 @@ class Communicator(abc.ABC):
             GLOBAL_PREFIX + name, tensor, step, 1.0 / n, others, copy=copy
         )
 
+    def _mixing_weights(
+        self,
+        step: int,
+        self_weight: float | None,
+        src_weights: Mapping[int, float] | None,
+        max_staleness: int,
+    ) -> tuple[float, dict[int, float]]:
+        """Checked arguments of one partial average: ``(w_ii, {j: w_ij})`` (shared by the
+        transports' :meth:`neighbor_average_async`)."""
+        if max_staleness < 0:
+            raise ValueError(f"max_staleness must be >= 0, got {max_staleness}")
+        topology = getattr(self, "topology", None)
+        return resolve_weights(topology, self.rank, step, self_weight, src_weights)
+
     def neighbor_average(
         self,
         name: str,
@@ -485,11 +499,7 @@ class InMemoryCommunicator(Communicator):
         max_staleness: int = 0,
         copy: bool = True,
     ) -> Handle:
-        if max_staleness < 0:
-            raise ValueError(f"max_staleness must be >= 0, got {max_staleness}")
-        weight, weights = resolve_weights(
-            self.fabric.topology, self.rank, step, self_weight, src_weights
-        )
+        weight, weights = self._mixing_weights(step, self_weight, src_weights, max_staleness)
         own = tensor.detach().clone() if copy else tensor.detach()
         self.fabric._board.publish(self.rank, name, step, own, copy=False)
         if not weights:

@@ -35,7 +35,6 @@ from peer.comm import (
     ExchangeStats,
     Handle,
     damp_stale_weights,
-    resolve_weights,
     weighted_sum,
 )
 from peer.errors import ExchangeTimeout, PeerUnavailable
@@ -249,11 +248,9 @@ class GrpcCommunicator(Communicator):
         max_staleness: int = 0,
         copy: bool = True,
     ) -> Handle:
-        if max_staleness < 0:
-            raise ValueError(f"max_staleness must be >= 0, got {max_staleness}")
         if self._closed:
             raise RuntimeError("communicator is closed")
-        weight, weights = resolve_weights(self.topology, self.rank, step, self_weight, src_weights)
+        weight, weights = self._mixing_weights(step, self_weight, src_weights, max_staleness)
         own = self.publish(name, tensor, step, copy=copy)
         if not weights:
             return CompletedHandle(own.mul(weight))
