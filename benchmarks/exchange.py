@@ -34,8 +34,8 @@ from typing import Any
 
 import torch
 
-from peer.exchange import ExchangeConfig, GrpcCommunicator
-from peer.framing import DEFAULT_CHECKSUM, checksum
+from peer.transport.grpc.communicator import ExchangeConfig, GrpcCommunicator
+from peer.transport.grpc.framing import DEFAULT_CHECKSUM, checksum
 
 logger = logging.getLogger(__name__)
 

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 
-from peer.problems import DigitsProblem
-from peer.schedules import CosineSchedule
-from peer.simulator import Simulator
+from peer.algorithms.schedules import CosineSchedule
+from peer.simulation.problems import DigitsProblem
+from peer.simulation.simulator import Simulator
 
 logger = logging.getLogger(__name__)
 

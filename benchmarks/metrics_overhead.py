@@ -2,10 +2,11 @@
 
 Two measurements, side by side in one run:
 
-1. the training loop with and without :class:`peer.train_metrics.TrainingMetrics` (4 peers as
+1. the training loop with and without :class:`peer.training.metrics.TrainingMetrics` (4 peers as
    threads over the in-memory transport, the default digits task; runs alternate A/B/A/B so
    drift of the machine hits both arms alike);
-2. the exchange engine's collectors (:class:`peer.metrics.ExchangeMetrics`): the cost of the
+2. the exchange engine's collectors (:class:`peer.transport.grpc.metrics.ExchangeMetrics`): the
+cost of the
    calls one iteration makes (per bucket and neighbour: one fetch record, one served record,
    one wait record, one request-handling record), timed directly, relative to the same
    iteration time.
@@ -27,12 +28,12 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
-from peer.comm import InMemoryFabric
-from peer.metrics import ExchangeMetrics
-from peer.optim import make_optimizer
-from peer.tasks import build_task
-from peer.train_metrics import TrainingMetrics
-from peer.trainer import Trainer, TrainerConfig
+from peer.training.metrics import TrainingMetrics
+from peer.training.optim import make_optimizer
+from peer.training.tasks import build_task
+from peer.training.trainer import Trainer, TrainerConfig
+from peer.transport.grpc.metrics import ExchangeMetrics
+from peer.transport.memory import InMemoryFabric
 from topology import make_topology
 
 N = 4

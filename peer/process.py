@@ -27,11 +27,11 @@ from typing import Any
 
 import torch
 
-from peer.comm import Communicator
 from peer.errors import ExchangeError
-from peer.tasks import build_task
-from peer.train_metrics import TrainingMetrics
-from peer.trainer import Trainer, TrainerConfig, TrainResult, flat_vector
+from peer.training.metrics import TrainingMetrics
+from peer.training.tasks import build_task
+from peer.training.trainer import Trainer, TrainerConfig, TrainResult, flat_vector
+from peer.transport.base import Communicator
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ def check_identical_init(comm: Communicator, topology: Any, model: torch.nn.Modu
 
 
 def _exchange_config(manifest: Any, token: str | None) -> Any:
-    from peer.node import ExchangeConfig
+    from peer.transport.grpc.node import ExchangeConfig
 
     spec = manifest.exchange
     tls = manifest.security.tls
@@ -133,7 +133,7 @@ def _exchange_config(manifest: Any, token: str | None) -> Any:
 
 
 def _tls_config(tls: Any) -> Any:
-    from peer.security import TlsConfig
+    from peer.transport.grpc.security import TlsConfig
 
     return TlsConfig(
         cert_path=str(tls.cert), key_path=str(tls.key), ca_path=str(tls.ca), mutual=tls.mutual
@@ -278,7 +278,7 @@ def contacts(topology: Any, rank: int, world_size: int, global_averaging: bool) 
 def _start_communicator(
     manifest: Any, me: Any, topology: Any, registry: Any, token: str | None, options: PeerOptions
 ) -> Any:
-    from peer.exchange import GrpcCommunicator
+    from peer.transport.grpc.communicator import GrpcCommunicator
 
     training = manifest.training
     wanted = contacts(
@@ -330,8 +330,8 @@ def sent_bytes(registry: Any) -> int:
 def _build_optimizer(
     manifest: Any, model: torch.nn.Module, comm: Communicator, staleness: int, options: PeerOptions
 ) -> torch.optim.Optimizer:
-    from peer.optim import make_optimizer
-    from peer.schedules import make_schedule
+    from peer.algorithms.schedules import make_schedule
+    from peer.training.optim import make_optimizer
 
     training = manifest.training
     schedule = make_schedule(
@@ -339,7 +339,7 @@ def _build_optimizer(
     )
     communicator: Communicator = comm
     if training.algorithm == "pmsgd":
-        from peer.dist import TorchDistributedCommunicator
+        from peer.transport.dist import TorchDistributedCommunicator
 
         communicator = TorchDistributedCommunicator.start(
             comm.rank,
@@ -364,7 +364,8 @@ def _build_optimizer(
 
 
 def schedule_spec(spec: dict[str, Any]) -> dict[str, Any]:
-    """Map the manifest's ``training.lr_schedule`` onto :func:`peer.schedules.make_schedule`.
+    """Map the manifest's ``training.lr_schedule`` onto
+    :func:`peer.algorithms.schedules.make_schedule`.
 
     The manifest has one flat set of fields; each schedule takes only its own. A warmup on
     ``constant`` or ``step`` wraps the schedule in a linear warmup.

@@ -1,10 +1,14 @@
-"""Generate the Python gRPC stubs of ``protos/`` into ``peer/proto/`` (the one build step).
+"""Generate the Python gRPC stubs of ``protos/`` into ``peer/transport/grpc/proto/`` (the one build
+step).
 
 Runs ``grpc_tools.protoc`` on every ``.proto`` file under ``protos/`` and writes ``*_pb2.py``,
-``*_pb2_grpc.py`` and ``*_pb2.pyi`` under ``peer/proto/`` with the same relative layout
-(``protos/decentlam/v1/peer.proto`` -> ``peer/proto/decentlam/v1/peer_pb2.py``). protoc emits
+``*_pb2_grpc.py`` and ``*_pb2.pyi`` under ``peer/transport/grpc/proto/`` with the same relative
+layout
+(``protos/decentlam/v1/peer.proto`` -> ``peer/transport/grpc/proto/decentlam/v1/peer_pb2.py``).
+protoc emits
 absolute imports rooted at the proto root (``from decentlam.v1 import peer_pb2``); they are
-rewritten to ``from peer.proto.decentlam.v1 import peer_pb2`` so the stubs import as a normal
+rewritten to ``from peer.transport.grpc.proto.decentlam.v1 import peer_pb2`` so the stubs import as
+a normal
 subpackage without touching ``sys.path``. Missing ``__init__.py`` files are created.
 
 Usage::
@@ -25,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = REPO_ROOT / "protos"
-PACKAGE_ROOT = "peer.proto"
+PACKAGE_ROOT = "peer.transport.grpc.proto"
 GENERATED_SUFFIXES = ("_pb2.py", "_pb2_grpc.py", "_pb2.pyi")
 INIT_TEXT = '"""Generated gRPC stubs (see scripts/generate_protos.py); do not edit."""\n'
 
@@ -36,7 +40,8 @@ def proto_files(proto_root: Path = PROTO_ROOT) -> list[Path]:
 
 
 def _rewrite_imports(text: str, packages: set[str]) -> str:
-    # `from decentlam.v1 import peer_pb2` -> `from peer.proto.decentlam.v1 import peer_pb2`
+    # `from decentlam.v1 import peer_pb2` -> `from peer.transport.grpc.proto.decentlam.v1 import
+    # peer_pb2`
     for package in sorted(packages, key=len, reverse=True):
         pattern = rf"^(\s*)from {re.escape(package)} import "
         text = re.sub(pattern, rf"\1from {PACKAGE_ROOT}.{package} import ", text, flags=re.M)
@@ -47,7 +52,8 @@ def generate(out_dir: Path, proto_root: Path = PROTO_ROOT) -> list[Path]:
     """Generate the stubs of every proto under ``proto_root`` into ``out_dir``.
 
     Args:
-        out_dir: directory that plays the role of ``peer/proto`` (created if missing).
+        out_dir: directory that plays the role of ``peer/transport/grpc/proto`` (created if
+            missing).
         proto_root: directory holding the ``.proto`` sources.
 
     Returns:
@@ -99,8 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--out",
         type=Path,
-        default=REPO_ROOT / "peer" / "proto",
-        help="output directory standing for peer/proto (default: the package in this repo)",
+        default=REPO_ROOT / "peer" / "transport" / "grpc" / "proto",
+        help="output directory standing for peer/transport/grpc/proto (default: this repo's)",
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

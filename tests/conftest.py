@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from peer.exchange import ExchangeConfig, GrpcCommunicator
+from peer.transport.grpc.communicator import ExchangeConfig, GrpcCommunicator
 
 logger = logging.getLogger(__name__)
 

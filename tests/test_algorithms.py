@@ -1,4 +1,5 @@
-"""Unit tests of the pure update rules (peer.algorithms) and the global-averaging convention."""
+"""Unit tests of the pure update rules (peer.algorithms.rules) and the global-averaging
+convention."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import logging
 import pytest
 import torch
 
-from peer.algorithms import ALGORITHMS, make_rule, uses_global_average
+from peer.algorithms.rules import ALGORITHMS, make_rule, uses_global_average
 
 logger = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ import torch
 
 from launcher.cli import main
 from launcher.cluster import LocalCluster, free_ports
-from peer.problems import LinearRegressionProblem
-from peer.simulator import Simulator
+from peer.simulation.problems import LinearRegressionProblem
+from peer.simulation.simulator import Simulator
 from topology.manifest import dump_manifest, init_manifest, load_manifest
 
 N = 4

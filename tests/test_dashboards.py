@@ -2,7 +2,8 @@
 metric names that the peers' collectors really declare and the metrics table documents.
 
 These checks need no Grafana and no running peer: the collectors of
-:mod:`peer.train_metrics` and :mod:`peer.metrics` are instantiated in a fresh registry. The
+:mod:`peer.training.metrics` and :mod:`peer.transport.grpc.metrics` are instantiated in a fresh
+registry. The
 end-to-end counterpart (a real Prometheus scraping real peers) is
 ``tests/test_prometheus_e2e.py``.
 """
@@ -38,8 +39,8 @@ def _by_uid() -> dict[str, dict[str, Any]]:
 
 def declared_peer_metrics() -> set[str]:
     """Metric names one peer's registry declares (training + exchange collectors)."""
-    from peer.metrics import ExchangeMetrics
-    from peer.train_metrics import TrainingMetrics
+    from peer.training.metrics import TrainingMetrics
+    from peer.transport.grpc.metrics import ExchangeMetrics
 
     registry = CollectorRegistry()
     TrainingMetrics(registry, 0, {"version": "test"})

@@ -7,9 +7,10 @@ from collections.abc import Callable, Iterator
 import pytest
 import torch
 
-from peer.comm import Communicator, InMemoryFabric, weighted_sum
 from peer.errors import ExchangeTimeout, StepEvicted
-from peer.exchange import ExchangeConfig
+from peer.transport.base import Communicator, weighted_sum
+from peer.transport.grpc.communicator import ExchangeConfig
+from peer.transport.memory import InMemoryFabric
 from tests.conftest import GrpcPeers, ShiftTopology
 
 MakePeers = Callable[..., list[Communicator]]
@@ -77,7 +78,8 @@ def test_staleness(make_peers: MakePeers) -> None:
     for step in (1, 2, 3):
         b.neighbor_average_async("p", x * step, step, 1.0, {0: 0.0})
     # T = 2 at step 5: the freshest of steps 3..5 is used at once, its weight damped by
-    # 1 / (1 + staleness) and the rest moved to the own vector (peer.comm.damp_stale_weights).
+    # 1 / (1 + staleness) and the rest moved to the own vector
+    # (peer.transport.base.damp_stale_weights).
     stale = a.neighbor_average_async("p", x, 5, 0.0, {1: 1.0}, max_staleness=2)
     assert torch.equal(stale.wait(5.0), x * (2.0 / 3.0) + (x * 3) * (1.0 / 3.0))
     assert stale.stats.used_steps == {1: 3}
@@ -110,7 +112,7 @@ def test_deadline_names_neighbor_and_step(make_peers: MakePeers) -> None:
 
 
 def test_damp_stale_weights_keeps_rows_stochastic_and_fresh_weights_exact() -> None:
-    from peer.comm import damp_stale_weights
+    from peer.transport.base import damp_stale_weights
 
     assert damp_stale_weights(0.5, {1: 0.25, 2: 0.25}, {1: 7, 2: 7}, 7) == (
         0.5,

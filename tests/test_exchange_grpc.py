@@ -7,10 +7,10 @@ import time
 import pytest
 import torch
 
-from peer.client import CLIENT_KEEPALIVE_TIME_MS
 from peer.errors import ExchangeError, PeerUnavailable, WireError
-from peer.exchange import ExchangeConfig, GrpcCommunicator
-from peer.server import SERVER_MIN_PING_INTERVAL_MS
+from peer.transport.grpc.client import CLIENT_KEEPALIVE_TIME_MS
+from peer.transport.grpc.communicator import ExchangeConfig, GrpcCommunicator
+from peer.transport.grpc.server import SERVER_MIN_PING_INTERVAL_MS
 from tests.conftest import GrpcPeers
 
 

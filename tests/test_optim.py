@@ -21,9 +21,9 @@ from reference_equations import (
     warmup_lr,
 )
 
-from peer.comm import InMemoryFabric
-from peer.optim import DecentLaM, DecentralizedOptimizer, make_optimizer
-from peer.schedules import make_schedule
+from peer.algorithms.schedules import make_schedule
+from peer.training.optim import DecentLaM, DecentralizedOptimizer, make_optimizer
+from peer.transport.memory import InMemoryFabric
 
 logger = logging.getLogger(__name__)
 

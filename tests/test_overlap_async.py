@@ -16,10 +16,10 @@ import pytest
 import torch
 from torch import nn
 
-from peer.comm import InMemoryFabric
-from peer.optim import make_optimizer
-from peer.tasks import build_task
-from peer.trainer import Trainer, TrainerConfig
+from peer.training.optim import make_optimizer
+from peer.training.tasks import build_task
+from peer.training.trainer import Trainer, TrainerConfig
+from peer.transport.memory import InMemoryFabric
 from topology import make_topology
 
 

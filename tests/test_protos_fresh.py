@@ -1,4 +1,5 @@
-"""The committed stubs under peer/proto are exactly what scripts/generate_protos.py produces."""
+"""The committed stubs under peer/transport/grpc/proto are exactly what scripts/generate_protos.py
+produces."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ def load_generator():
 
 def test_committed_stubs_are_fresh(tmp_path: Path) -> None:
     generated = load_generator().generate(tmp_path)
-    committed = REPO_ROOT / "peer" / "proto"
+    committed = REPO_ROOT / "peer" / "transport" / "grpc" / "proto"
     names = {p.relative_to(tmp_path) for p in generated}
     assert any(n.name == "peer_pb2.py" for n in names)
     stale = [
@@ -30,7 +31,7 @@ def test_committed_stubs_are_fresh(tmp_path: Path) -> None:
 
 
 def test_stubs_import_as_a_package() -> None:
-    from peer.proto.decentlam.v1 import peer_pb2, peer_pb2_grpc
+    from peer.transport.grpc.proto.decentlam.v1 import peer_pb2, peer_pb2_grpc
 
     assert peer_pb2.DESCRIPTOR.package == "decentlam.v1"
     assert hasattr(peer_pb2_grpc, "PeerStub")

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from peer.schedules import (
+from peer.algorithms.schedules import (
     ConstantSchedule,
     CosineSchedule,
     LinearWarmup,

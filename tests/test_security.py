@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from peer.errors import AuthError, ExchangeError
-from peer.exchange import ExchangeConfig, GrpcCommunicator
-from peer.proto.decentlam.v1 import peer_pb2 as pb
-from peer.proto.decentlam.v1 import peer_pb2_grpc
-from peer.security import TlsConfig, call_metadata, read_token_file
+from peer.transport.grpc.communicator import ExchangeConfig, GrpcCommunicator
+from peer.transport.grpc.proto.decentlam.v1 import peer_pb2 as pb
+from peer.transport.grpc.proto.decentlam.v1 import peer_pb2_grpc
+from peer.transport.grpc.security import TlsConfig, call_metadata, read_token_file
 from tests.conftest import GrpcPeers, ShiftTopology
 
 TOKEN = "s3cret-token"

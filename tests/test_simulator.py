@@ -18,9 +18,9 @@ from reference_equations import (
     warmup_lr,
 )
 
-from peer.problems import DigitsProblem, LinearRegressionProblem, split_non_iid
-from peer.schedules import make_schedule
-from peer.simulator import Simulator
+from peer.algorithms.schedules import make_schedule
+from peer.simulation.problems import DigitsProblem, LinearRegressionProblem, split_non_iid
+from peer.simulation.simulator import Simulator
 
 logger = logging.getLogger(__name__)
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from peer.errors import StepEvicted, WireError
-from peer.store import VersionStore, pack_state, snapshot, unpack_state
-from peer.wire import StateHeader
+from peer.transport.grpc.store import VersionStore, pack_state, snapshot, unpack_state
+from peer.transport.grpc.wire import StateHeader
 
 
 def version(step: int, name: str = "p", value: float = 0.0):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from peer.tasks import batches_from, build_task, dirichlet_split
+from peer.training.tasks import batches_from, build_task, dirichlet_split
 
 
 def test_dirichlet_split_is_a_partition_and_skewed() -> None:

@@ -13,12 +13,12 @@ from typing import Any
 import pytest
 import torch
 
-from peer.comm import InMemoryCommunicator, InMemoryFabric
-from peer.optim import make_optimizer
-from peer.problems import LinearRegressionProblem
-from peer.simulator import Simulator
-from peer.tasks import build_task
-from peer.trainer import Trainer, TrainerConfig
+from peer.simulation.problems import LinearRegressionProblem
+from peer.simulation.simulator import Simulator
+from peer.training.optim import make_optimizer
+from peer.training.tasks import build_task
+from peer.training.trainer import Trainer, TrainerConfig
+from peer.transport.memory import InMemoryCommunicator, InMemoryFabric
 from topology import make_topology
 
 N = 4

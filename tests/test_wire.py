@@ -11,9 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from peer.errors import WireError
-from peer.framing import crc32, crc32_combine, iter_chunks, split_ranges
-from peer.proto.decentlam.v1 import peer_pb2 as pb
-from peer.wire import (
+from peer.transport.grpc.framing import crc32, crc32_combine, iter_chunks, split_ranges
+from peer.transport.grpc.proto.decentlam.v1 import peer_pb2 as pb
+from peer.transport.grpc.wire import (
     Expectation,
     Malformed,
     RangeAssembler,
@@ -146,7 +146,13 @@ def test_tensor_bytes_round_trip_bit_exact() -> None:
 @settings(max_examples=50, deadline=None)
 @given(st.binary(max_size=300), st.binary(max_size=300))
 def test_both_checksum_kinds_extend_and_combine(a: bytes, b: bytes) -> None:
-    from peer.framing import CRC32, CRC32C, _crc32c_python, checksum, checksum_combine
+    from peer.transport.grpc.framing import (
+        CRC32,
+        CRC32C,
+        _crc32c_python,
+        checksum,
+        checksum_combine,
+    )
 
     for kind in (CRC32, CRC32C):
         whole = checksum(kind, a + b)
@@ -156,7 +162,7 @@ def test_both_checksum_kinds_extend_and_combine(a: bytes, b: bytes) -> None:
 
 
 def test_receiver_verifies_the_kind_the_header_names() -> None:
-    from peer.framing import CRC32, CRC32C, checksum
+    from peer.transport.grpc.framing import CRC32, CRC32C, checksum
 
     data = bytes(range(256)) * 4
     for kind in (CRC32, CRC32C):

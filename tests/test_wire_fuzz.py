@@ -14,12 +14,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from peer.errors import WireError
-from peer.exchange import ExchangeConfig, GrpcCommunicator
-from peer.proto.decentlam.v1 import peer_pb2 as pb
-from peer.proto.decentlam.v1 import peer_pb2_grpc
-from peer.security import call_metadata
-from peer.server import SERVICE_NAME
-from peer.wire import Expectation, RangeAssembler, VersionHeader, decode_fetch_response
+from peer.transport.grpc.communicator import ExchangeConfig, GrpcCommunicator
+from peer.transport.grpc.proto.decentlam.v1 import peer_pb2 as pb
+from peer.transport.grpc.proto.decentlam.v1 import peer_pb2_grpc
+from peer.transport.grpc.security import call_metadata
+from peer.transport.grpc.server import SERVICE_NAME
+from peer.transport.grpc.wire import (
+    Expectation,
+    RangeAssembler,
+    VersionHeader,
+    decode_fetch_response,
+)
 
 RETAINED = 2
 FUZZ = settings(

@@ -131,7 +131,7 @@ def _format_progress(progress: dict[int, PeerProgress], steps: int, world: int) 
 
 def run(args: argparse.Namespace) -> int:
     """Run the cluster to completion; returns the exit status."""
-    from peer.trainer import summarize
+    from peer.training.trainer import summarize
     from topology.manifest import load_manifest
 
     out: Path = args.out

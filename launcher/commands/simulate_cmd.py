@@ -1,7 +1,8 @@
 """``decentlam simulate``: the slides' numerical verification, in-process and vectorised.
 
 Runs several methods on one built-in problem over one topology with the simulator of
-:mod:`peer.simulator`, prints a table (final error ``sum_i ||x_i - x*||^2``, iterations to reach
+:mod:`peer.simulation.simulator`, prints a table (final error ``sum_i ||x_i - x*||^2``, iterations
+to reach
 1.1x of the method's floor, final consensus distance; test accuracy for the digits problems)
 and, with ``--out DIR``, writes ``DIR/result.json`` (config, curves, final numbers) and
 ``DIR/error.png`` (log-scale error -- or loss -- vs iteration, one line per method).
@@ -61,8 +62,8 @@ def register(subparsers: Any) -> None:
 
 
 def _validate(args: argparse.Namespace) -> list[str]:
-    from peer.algorithms import ALGORITHMS
-    from peer.problems import PROBLEMS
+    from peer.algorithms.rules import ALGORITHMS
+    from peer.simulation.problems import PROBLEMS
 
     if args.problem not in PROBLEMS:
         raise UsageError(f"unknown problem {args.problem!r}; choose one of: {', '.join(PROBLEMS)}")
@@ -92,8 +93,8 @@ def _validate(args: argparse.Namespace) -> list[str]:
 
 
 def _build(args: argparse.Namespace) -> tuple[Any, Any, Any]:
-    from peer.problems import make_problem
-    from peer.schedules import make_schedule
+    from peer.algorithms.schedules import make_schedule
+    from peer.simulation.problems import make_problem
     from topology import make_topology
 
     try:
@@ -190,7 +191,7 @@ def run(args: argparse.Namespace) -> int:
     """Run the comparison; print the table; write ``result.json`` and ``error.png``."""
     import torch
 
-    from peer.simulator import Simulator
+    from peer.simulation.simulator import Simulator
 
     names = _validate(args)
     topology, problem, schedule = _build(args)

@@ -1,6 +1,7 @@
 """Prometheus collectors of the training loop (per peer).
 
-The exchange engine's per-edge collectors live in :mod:`peer.metrics`; this module holds what
+The exchange engine's per-edge collectors live in :mod:`peer.transport.grpc.metrics`; this module
+holds what
 the training loop reports: iterations, compute vs time blocked on exchanges, loss, evaluation
 metrics, learning rate, staleness, consensus distance, neighbour liveness and build info.
 Every peer owns one :class:`prometheus_client.CollectorRegistry` holding both sets, served on
@@ -17,7 +18,7 @@ from collections.abc import Mapping
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.process_collector import ProcessCollector
 
-from peer.metrics import LATENCY_BUCKETS_SECONDS
+from peer.transport.base import LATENCY_BUCKETS_SECONDS
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ class TrainingMetrics:
     """Collectors of one peer's training loop.
 
     Args:
-        registry: the peer's registry (shared with :mod:`peer.metrics`).
+        registry: the peer's registry (shared with :mod:`peer.transport.grpc.metrics`).
         rank: this peer's rank (the ``rank`` label of every series).
         build: build information (``version``, ``algorithm``, ``topology``, ``world_size``...).
         process_collector: also export ``process_*`` series (start time, CPU, memory).

@@ -22,11 +22,11 @@ from typing import Any
 
 import torch
 
-from peer.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
-from peer.comm import Communicator, ExchangeStats
 from peer.errors import ExchangeError
-from peer.tasks import batches_from
-from peer.train_metrics import TrainingMetrics
+from peer.training.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
+from peer.training.metrics import TrainingMetrics
+from peer.training.tasks import batches_from
+from peer.transport.base import Communicator, ExchangeStats
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ class Trainer:
 
     Args:
         task: the task (``model``, ``train_batches``, ``loss``, ``evaluate``).
-        optimizer: a decentralized optimizer (``peer.optim``) or any torch optimizer whose
+        optimizer: a decentralized optimizer (``peer.training.optim``) or any torch optimizer whose
             ``last_exchange_stats`` (if present) lists the exchanges of the last step.
         rank: this peer.
         config: loop configuration.

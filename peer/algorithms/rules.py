@@ -1,9 +1,10 @@
 """Pure update rules of every decentralized method (ALGORITHMS.md), split around communication.
 
-One implementation of each rule, two drivers: the in-process :mod:`peer.simulator` (all ``n``
+One implementation of each rule, two drivers: the in-process :mod:`peer.simulation.simulator` (all
+``n``
 peers stacked as an ``[n, d]`` tensor, ``mixed = W @ outgoing``) and the torch optimizers of
-:mod:`peer.optim` (one peer, one flat ``[d]`` bucket at a time, ``mixed`` from a
-:class:`peer.comm.Communicator`). Each iteration ``k`` is two phases:
+:mod:`peer.training.optim` (one peer, one flat ``[d]`` bucket at a time, ``mixed`` from a
+:class:`peer.transport.base.Communicator`). Each iteration ``k`` is two phases:
 
 1. ``msg = rule.outgoing(x, g, state, lr, k)``: the vector this peer communicates. Pure: it
    never modifies ``x`` or ``state``.

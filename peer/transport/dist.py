@@ -1,4 +1,5 @@
-"""PmSGD's all-reduce over ``torch.distributed`` behind the :class:`~peer.comm.Communicator` API.
+"""PmSGD's all-reduce over ``torch.distributed`` behind the
+:class:`~peer.transport.base.Communicator` API.
 
 This is what users would otherwise run (gloo on CPU, NCCL on GPU): the same launcher and the
 same optimizer code compare decentralized gRPC exchanges against a real all-reduce. Only
@@ -15,8 +16,8 @@ from collections.abc import Mapping
 import torch
 import torch.distributed as dist
 
-from peer.comm import Communicator, ExchangeStats, Handle
 from peer.errors import ExchangeTimeout
+from peer.transport.base import Communicator, ExchangeStats, Handle
 
 logger = logging.getLogger(__name__)
 

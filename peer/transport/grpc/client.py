@@ -3,7 +3,8 @@
 :class:`PeerClient` wraps one ``grpc.aio`` channel to one neighbour (``call_*`` methods).
 A fetch writes the received chunks straight into a preallocated buffer (the chunk deserializer
 returns memoryviews of the received message, no protobuf parse), validates every message with
-:class:`peer.wire.RangeAssembler`, and, for large vectors, splits the payload into byte ranges
+:class:`peer.transport.grpc.wire.RangeAssembler`, and, for large vectors, splits the payload into
+byte ranges
 fetched as parallel streams on the same channel. UNAVAILABLE is retried with exponential backoff
 inside the fetch deadline; every other failure maps to a typed :mod:`peer.errors` exception.
 """
@@ -24,13 +25,13 @@ from peer.errors import (
     StepEvicted,
     WireError,
 )
-from peer.framing import checksum, chunk_count, split_ranges
-from peer.metrics import ExchangeMetrics
-from peer.proto.decentlam.v1 import peer_pb2 as pb
-from peer.security import TlsConfig, call_metadata, channel_credentials
-from peer.server import OLDEST_STEP_KEY, SERVER_MIN_PING_INTERVAL_MS, SERVICE_NAME
-from peer.store import PeerState, unpack_state
-from peer.wire import (
+from peer.transport.grpc.framing import checksum, chunk_count, split_ranges
+from peer.transport.grpc.metrics import ExchangeMetrics
+from peer.transport.grpc.proto.decentlam.v1 import peer_pb2 as pb
+from peer.transport.grpc.security import TlsConfig, call_metadata, channel_credentials
+from peer.transport.grpc.server import OLDEST_STEP_KEY, SERVER_MIN_PING_INTERVAL_MS, SERVICE_NAME
+from peer.transport.grpc.store import PeerState, unpack_state
+from peer.transport.grpc.wire import (
     Expectation,
     FetchQuery,
     Malformed,

@@ -6,7 +6,8 @@
   PERMISSION_DENIED, before any handler runs.
 * Which vectors a known rank may read depends on the request body, so the servicer asks
   :class:`ReadPolicy`: a partial-average vector may be read by the server's out-neighbours over
-  the topology's period, a global-average vector (``peer.comm.GLOBAL_PREFIX``) and Info/GetState
+  the topology's period, a global-average vector (``peer.transport.base.GLOBAL_PREFIX``) and
+  Info/GetState
   by any peer of the run.
 * :func:`server_credentials` / :func:`channel_credentials` build TLS (server cert + CA) and
   mutual-TLS credentials from :class:`TlsConfig` paths.
@@ -25,7 +26,7 @@ from typing import Any
 
 import grpc
 
-from peer.comm import GLOBAL_PREFIX
+from peer.transport.base import GLOBAL_PREFIX
 
 logger = logging.getLogger(__name__)
 

@@ -8,7 +8,8 @@ the same code with that copy skipped (the device clone is the host buffer).
 
 :class:`VersionStore` lives on the server's event loop. It keeps the last ``retained_versions``
 steps per name, wakes waiting requests through an :class:`asyncio.Event` (no polling), and
-answers lookups with the peer.comm staleness semantics: exact step preferred, else the freshest
+answers lookups with the peer.transport.base staleness semantics: exact step preferred, else the
+freshest
 retained step in ``[min_step, step]``, else :class:`~peer.errors.StepEvicted` when the step is
 older than the oldest retained one, else "not yet" (wait).
 """
@@ -24,8 +25,8 @@ from dataclasses import dataclass, field
 import torch
 
 from peer.errors import StepEvicted, WireError
-from peer.framing import DEFAULT_CHECKSUM, checksum
-from peer.wire import StateEntry, StateHeader, dtype_name, parse_dtype
+from peer.transport.grpc.framing import DEFAULT_CHECKSUM, checksum
+from peer.transport.grpc.wire import StateEntry, StateHeader, dtype_name, parse_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +79,8 @@ class Version:
             await asyncio.to_thread(self.ready.synchronize)
 
     def checksum(self) -> asyncio.Future[int]:
-        """Checksum (:data:`peer.framing.DEFAULT_CHECKSUM`) of the payload, computed once in a
+        """Checksum (:data:`peer.transport.grpc.framing.DEFAULT_CHECKSUM`) of the payload, computed
+        once in a
         worker thread (both CRC implementations release the GIL)."""
         if self._checksum is None:
             self._checksum = asyncio.ensure_future(self._compute_checksum())

@@ -1,4 +1,5 @@
-"""Torch optimizers for the real peers: the rules of :mod:`peer.algorithms` over a Communicator.
+"""Torch optimizers for the real peers: the rules of :mod:`peer.algorithms.rules` over a
+Communicator.
 
 :class:`DecentralizedOptimizer` is a ``torch.optim.Optimizer`` that runs one peer's side of a
 decentralized method. At construction its parameters are moved into **flat contiguous
@@ -32,9 +33,9 @@ from typing import Any
 
 import torch
 
-from peer.algorithms import UpdateRule, make_rule, uses_global_average
-from peer.comm import Communicator, ExchangeStats, Handle
+from peer.algorithms.rules import UpdateRule, make_rule, uses_global_average
 from peer.errors import ExchangeError, ExchangeTimeout
+from peer.transport.base import Communicator, ExchangeStats, Handle
 
 logger = logging.getLogger(__name__)
 
@@ -78,13 +79,13 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
     Args:
         params: parameters or parameter groups (all groups must share lr, momentum and
             weight decay: one flat buffer spans them).
-        algorithm: a name of :data:`peer.algorithms.ALGORITHMS`.
+        algorithm: a name of :data:`peer.algorithms.rules.ALGORITHMS`.
         lr: learning rate ``gamma`` (used when ``schedule`` is ``None``; torch lr schedulers
             that edit ``param_groups[0]["lr"]`` work too).
         momentum: ``beta`` (``mu`` for QG-DmSGD).
         weight_decay: added to the gradient as ``weight_decay * x``.
-        communicator: this peer's :class:`peer.comm.Communicator`.
-        schedule: object with ``lr_at(k)`` (:mod:`peer.schedules`); overrides ``lr``.
+        communicator: this peer's :class:`peer.transport.base.Communicator`.
+        schedule: object with ``lr_at(k)`` (:mod:`peer.algorithms.schedules`); overrides ``lr``.
         global_average_every: ``H`` of periodic global averaging (``0``: never).
         max_staleness: accept neighbour vectors up to this many steps old.
         overlap: start each bucket's exchange from backward hooks.
@@ -108,7 +109,7 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         deadline_seconds: float | None = None,
     ) -> None:
         if communicator is None:
-            raise ValueError("a communicator (peer.comm.Communicator) is required")
+            raise ValueError("a communicator (peer.transport.base.Communicator) is required")
         if lr <= 0 or weight_decay < 0 or bucket_bytes < 1 or max_staleness < 0:
             raise ValueError(
                 "need lr > 0, weight_decay >= 0, bucket_bytes >= 1, max_staleness >= 0"
@@ -458,7 +459,7 @@ def make_optimizer(name: str, params: Iterable[Any], **kwargs: Any) -> Decentral
     """Build the optimizer of a method by its registry name.
 
     Args:
-        name: one of :data:`peer.algorithms.ALGORITHMS`.
+        name: one of :data:`peer.algorithms.rules.ALGORITHMS`.
         params: parameters or parameter groups.
         **kwargs: :class:`DecentralizedOptimizer` arguments (``communicator`` is required).
 

@@ -12,26 +12,11 @@ import logging
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
+from peer.transport.base import LATENCY_BUCKETS_SECONDS
+
 logger = logging.getLogger(__name__)
 
 # 1 ms .. 60 s, roughly x2.5 per bucket.
-LATENCY_BUCKETS_SECONDS: tuple[float, ...] = (
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-    30.0,
-    60.0,
-)
 
 EDGE_LABELS = ("rank", "neighbor")
 

@@ -1,4 +1,4 @@
-"""The gRPC transport behind :class:`peer.comm.Communicator`: :class:`GrpcCommunicator`.
+"""The gRPC transport behind :class:`peer.transport.base.Communicator`: :class:`GrpcCommunicator`.
 
 A training script builds it synchronously::
 
@@ -8,11 +8,14 @@ A training script builds it synchronously::
     ...  # compute while neighbours' vectors arrive
     mixed = handle.wait()
 
-``start`` launches a :class:`~peer.server.LoopThread` and, on it, the peer's async core
+``start`` launches a :class:`~peer.transport.grpc.server.LoopThread` and, on it, the peer's async
+core
 (:class:`PeerNode`, built with ``await PeerNode.create(...)``): the gRPC server, the retained
-versions and one :class:`~peer.client.PeerClient` per neighbour. Every public method is
+versions and one :class:`~peer.transport.grpc.client.PeerClient` per neighbour. Every public method
+is
 thread-safe and returns without blocking on the network unless its name says it waits.
-Mixing uses :func:`peer.comm.weighted_sum`, so this transport and the in-memory one agree bit
+Mixing uses :func:`peer.transport.base.weighted_sum`, so this transport and the in-memory one agree
+bit
 for bit.
 """
 
@@ -29,7 +32,8 @@ from typing import Any
 import torch
 from prometheus_client import CollectorRegistry
 
-from peer.comm import (
+from peer.errors import ExchangeTimeout, PeerUnavailable
+from peer.transport.base import (
     Communicator,
     CompletedHandle,
     ExchangeStats,
@@ -37,12 +41,11 @@ from peer.comm import (
     damp_stale_weights,
     weighted_sum,
 )
-from peer.errors import ExchangeTimeout, PeerUnavailable
-from peer.metrics import ExchangeMetrics
-from peer.node import ExchangeConfig, PeerNode, Received
-from peer.server import LoopThread
-from peer.store import PeerState, StateProvider, snapshot
-from peer.wire import PeerInfo
+from peer.transport.grpc.metrics import ExchangeMetrics
+from peer.transport.grpc.node import ExchangeConfig, PeerNode, Received
+from peer.transport.grpc.server import LoopThread
+from peer.transport.grpc.store import PeerState, StateProvider, snapshot
+from peer.transport.grpc.wire import PeerInfo
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +53,7 @@ __all__ = ["ExchangeConfig", "GrpcCommunicator", "GrpcHandle"]
 
 
 class GrpcHandle(Handle):
-    """A gRPC exchange in flight; ``wait`` mixes with :func:`peer.comm.weighted_sum`."""
+    """A gRPC exchange in flight; ``wait`` mixes with :func:`peer.transport.base.weighted_sum`."""
 
     def __init__(
         self,

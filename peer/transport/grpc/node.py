@@ -1,9 +1,10 @@
 """The async core of a gRPC peer (:class:`PeerNode`) and its :class:`ExchangeConfig`.
 
 :class:`PeerNode` lives on the peer's event loop (built with ``await PeerNode.create(...)``): it
-owns the gRPC server, the retained versions and one :class:`~peer.client.PeerClient` per
+owns the gRPC server, the retained versions and one :class:`~peer.transport.grpc.client.PeerClient`
+per
 neighbour, and runs the parallel neighbour fetches of one exchange. The synchronous facade the
-training loop uses is :class:`peer.exchange.GrpcCommunicator`.
+training loop uses is :class:`peer.transport.grpc.communicator.GrpcCommunicator`.
 """
 
 from __future__ import annotations
@@ -18,14 +19,14 @@ from typing import Any
 
 import torch
 
-from peer.client import PeerClient
 from peer.errors import PeerUnavailable
-from peer.metrics import ExchangeMetrics
-from peer.security import ReadPolicy, TlsConfig
-from peer.server import PeerServicer, ServedPeer, create_server
-from peer.store import VersionStore, byte_view
-from peer.throttle import BandwidthLimiter
-from peer.wire import dtype_name
+from peer.transport.grpc.client import PeerClient
+from peer.transport.grpc.metrics import ExchangeMetrics
+from peer.transport.grpc.security import ReadPolicy, TlsConfig
+from peer.transport.grpc.server import PeerServicer, ServedPeer, create_server
+from peer.transport.grpc.store import VersionStore, byte_view
+from peer.transport.grpc.throttle import BandwidthLimiter
+from peer.transport.grpc.wire import dtype_name
 
 logger = logging.getLogger(__name__)
 

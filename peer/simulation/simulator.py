@@ -1,11 +1,11 @@
 """In-process simulator: ``n`` peers stacked as an ``[n, d]`` tensor, one matrix product per mix.
 
-The simulator is the second driver of the update rules of :mod:`peer.algorithms` (the torch
-optimizers of :mod:`peer.optim` are the first). Every iteration ``k``::
+The simulator is the second driver of the update rules of :mod:`peer.algorithms.rules` (the torch
+optimizers of :mod:`peer.training.optim` are the first). Every iteration ``k``::
 
     G   = problem.stacked_gradient(X) + weight_decay * X
     out = rule.outgoing(X, G, state, gamma_k, k)
-    mixed = W(k) @ out            # or the global average, see peer.algorithms
+    mixed = W(k) @ out            # or the global average, see peer.algorithms.rules
     rule.apply(X, G, state, gamma_k, mixed, k)
 
 with no Python loop over nodes. ``W`` is either a plain ``[n, n]`` array/tensor (static) or any
@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from peer.algorithms import UpdateRule, make_rule, uses_global_average
-from peer.schedules import ConstantSchedule, Schedule
+from peer.algorithms.rules import UpdateRule, make_rule, uses_global_average
+from peer.algorithms.schedules import ConstantSchedule, Schedule
 
 logger = logging.getLogger(__name__)
 
@@ -124,11 +124,12 @@ class Simulator:
     """Runs one update rule on all ``n`` nodes of a problem, stacked and vectorised.
 
     Args:
-        rule: an :class:`~peer.algorithms.UpdateRule` or a registry name.
+        rule: an :class:`~peer.algorithms.rules.UpdateRule` or a registry name.
         topology: ``[n, n]`` mixing matrix, or an object with ``mixing_matrix(k)``.
-        problem: a problem of :mod:`peer.problems` (or any object with the same interface).
+        problem: a problem of :mod:`peer.simulation.problems` (or any object with the same
+            interface).
         lr: constant learning rate, used when ``schedule`` is ``None``.
-        schedule: object with ``lr_at(k)`` (see :mod:`peer.schedules`).
+        schedule: object with ``lr_at(k)`` (see :mod:`peer.algorithms.schedules`).
         momentum: ``beta`` when ``rule`` is a name.
         weight_decay: added to every gradient as ``weight_decay * x``.
         global_average_every: ``H`` of periodic global averaging (``0``: never).

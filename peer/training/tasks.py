@@ -264,7 +264,7 @@ class LinearModel(nn.Module):
 
 @dataclass
 class LinRegTask:
-    """Peer ``rank``'s share of :class:`peer.problems.LinearRegressionProblem`.
+    """Peer ``rank``'s share of :class:`peer.simulation.problems.LinearRegressionProblem`.
 
     ``f_i(x) = ||A_i x - b_i||^2 / (2 m)``: the same data, loss and optimum as the simulator's
     problem with the same options, so real peers can be checked against it step by step.
@@ -327,10 +327,10 @@ def linreg_task(
         world_size: number of peers (the problem has one node per peer).
         batch_size: rows per step; ``0``/``None`` for full-batch gradients.
         dim, samples_per_node, heterogeneity, feature_shift, noise, identical, seed: as in
-            :class:`peer.problems.LinearRegressionProblem`.
+            :class:`peer.simulation.problems.LinearRegressionProblem`.
         dtype: parameter dtype (``float64`` for exact comparisons).
     """
-    from peer.problems import LinearRegressionProblem
+    from peer.simulation.problems import LinearRegressionProblem
 
     _warn_unused("linreg", unused)
     problem = LinearRegressionProblem(

@@ -1,9 +1,12 @@
 """The gRPC side of a peer: the ``decentlam.v1.Peer`` servicer, its server and its loop thread.
 
-The servicer is thin (STYLE.md): it turns protobuf requests into :mod:`peer.wire` domain
-objects, asks the :class:`~peer.store.VersionStore` and the :class:`~peer.security.ReadPolicy`,
+The servicer is thin (STYLE.md): it turns protobuf requests into :mod:`peer.transport.grpc.wire`
+domain
+objects, asks the :class:`~peer.store.VersionStore` and the
+:class:`~peer.transport.grpc.security.ReadPolicy`,
 and streams the answer back. Fetch chunks bypass protobuf serialization: they are pre-encoded
-from memoryview slices of the retained snapshot (:func:`peer.wire.encode_chunk`) and the
+from memoryview slices of the retained snapshot (:func:`peer.transport.grpc.wire.encode_chunk`) and
+the
 response serializer passes bytes through.
 
 The server runs on a :class:`LoopThread`, a background thread with its own asyncio event loop,
@@ -25,13 +28,19 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from peer.errors import StepEvicted, WireError
-from peer.framing import DEFAULT_CHECKSUM, checksum, chunk_count, iter_chunks
-from peer.metrics import ExchangeMetrics
-from peer.proto.decentlam.v1 import peer_pb2 as pb
-from peer.security import AuthInterceptor, ReadPolicy, TlsConfig, caller_rank, server_credentials
-from peer.store import StateProvider, VersionStore, pack_state
-from peer.throttle import BandwidthLimiter
-from peer.wire import (
+from peer.transport.grpc.framing import DEFAULT_CHECKSUM, checksum, chunk_count, iter_chunks
+from peer.transport.grpc.metrics import ExchangeMetrics
+from peer.transport.grpc.proto.decentlam.v1 import peer_pb2 as pb
+from peer.transport.grpc.security import (
+    AuthInterceptor,
+    ReadPolicy,
+    TlsConfig,
+    caller_rank,
+    server_credentials,
+)
+from peer.transport.grpc.store import StateProvider, VersionStore, pack_state
+from peer.transport.grpc.throttle import BandwidthLimiter
+from peer.transport.grpc.wire import (
     PeerInfo,
     StateHeader,
     VersionHeader,

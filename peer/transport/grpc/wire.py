@@ -15,7 +15,7 @@ every other client.
 Checksums (CRC-32C, or zlib CRC-32 without the crc32c extension; the header names the
 kind) cover the whole payload and are computed once per published version. A receiver
 fetching the payload as several byte ranges in parallel checksums each range as it arrives and
-folds the range CRCs together with :func:`peer.framing.checksum_combine`.
+folds the range CRCs together with :func:`peer.transport.grpc.framing.checksum_combine`.
 """
 
 from __future__ import annotations
@@ -28,8 +28,14 @@ import torch
 from google.protobuf.message import DecodeError
 
 from peer.errors import WireError
-from peer.framing import CRC32, CRC32C, checksum_combine, checksum_extend, chunk_count
-from peer.proto.decentlam.v1 import peer_pb2 as pb
+from peer.transport.grpc.framing import (
+    CRC32,
+    CRC32C,
+    checksum_combine,
+    checksum_extend,
+    chunk_count,
+)
+from peer.transport.grpc.proto.decentlam.v1 import peer_pb2 as pb
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,271 @@
+"""In-memory transport: peers are threads of one process sharing a board of published vectors.
+
+The fast twin of the gRPC transport, used by the optimizers' unit tests and the threaded
+trainer tests; it implements :class:`peer.transport.base.Communicator` with the same
+semantics (snapshots, retained versions, bounded staleness, deadlines).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from peer.errors import ExchangeTimeout, StepEvicted
+from peer.transport.base import (
+    DEFAULT_DEADLINE_SECONDS,
+    DEFAULT_RETAINED_VERSIONS,
+    Communicator,
+    CompletedHandle,
+    ExchangeStats,
+    Handle,
+    damp_stale_weights,
+    weighted_sum,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class _Board:
+    """Published versions of every peer, shared by the in-memory communicators."""
+
+    def __init__(self, world_size: int, retained_versions: int) -> None:
+        self.world_size = world_size
+        self.retained_versions = retained_versions
+        self.cond = threading.Condition()
+        # (rank, name) -> OrderedDict[step, tensor], oldest first
+        self.versions: dict[tuple[int, str], OrderedDict[int, torch.Tensor]] = {}
+        self.publish_times: dict[tuple[int, str, int], float] = {}
+
+    def publish(
+        self, rank: int, name: str, step: int, tensor: torch.Tensor, *, copy: bool = True
+    ) -> None:
+        snapshot = tensor.detach().clone() if copy else tensor.detach()
+        with self.cond:
+            retained = self.versions.setdefault((rank, name), OrderedDict())
+            retained[step] = snapshot
+            retained.move_to_end(step)
+            self.publish_times[(rank, name, step)] = time.monotonic()
+            while len(retained) > self.retained_versions:
+                old_step, _ = retained.popitem(last=False)
+                self.publish_times.pop((rank, name, old_step), None)
+            self.cond.notify_all()
+
+    def lookup(
+        self, src: int, name: str, step: int, max_staleness: int
+    ) -> tuple[int, torch.Tensor] | None:
+        """Freshest acceptable version (exact step preferred); caller holds ``cond``."""
+        retained = self.versions.get((src, name))
+        if not retained:
+            return None
+        if step in retained:
+            return step, retained[step]
+        acceptable = [s for s in retained if step - max_staleness <= s <= step]
+        if acceptable:
+            best = max(acceptable)
+            return best, retained[best]
+        oldest = next(iter(retained))
+        if oldest > step:
+            raise StepEvicted(
+                f"peer {src} no longer retains {name!r} step {step} (oldest retained: {oldest})",
+                neighbor=src,
+                name=name,
+                step=step,
+                oldest_step=oldest,
+            )
+        return None
+
+
+class _InMemoryHandle(Handle):
+    def __init__(
+        self,
+        board: _Board,
+        name: str,
+        own: torch.Tensor,
+        step: int,
+        self_weight: float,
+        weights: dict[int, float],
+        max_staleness: int,
+        deadline_seconds: float,
+        delay_for: Callable[[int], float],
+        rank: int,
+    ) -> None:
+        self._rank = rank
+        self._board = board
+        self._name = name
+        self._own = own
+        self._step = step
+        self._self_weight = self_weight
+        self._weights = weights
+        self._max_staleness = max_staleness
+        self._deadline_seconds = deadline_seconds
+        self._delay_for = delay_for
+        self._started = time.monotonic()
+        self._result: torch.Tensor | None = None
+        self._lock = threading.Lock()
+        self.stats = ExchangeStats()
+
+    def _ready_at(self, src: int) -> float:
+        # A simulated slow link makes a vector visible only `delay` seconds after the fetch began.
+        return self._started + self._delay_for(src)
+
+    def done(self) -> bool:
+        if self._result is not None:
+            return True
+        now = time.monotonic()
+        with self._board.cond:
+            for src in self._weights:
+                if now < self._ready_at(src):
+                    return False
+                if self._board.lookup(src, self._name, self._step, self._max_staleness) is None:
+                    return False
+        return True
+
+    def wait(self, timeout: float | None = None) -> torch.Tensor:
+        with self._lock:
+            if self._result is not None:
+                return self._result
+            entered = time.monotonic()
+            budget = self._deadline_seconds if timeout is None else timeout
+            deadline = entered + budget
+            received: dict[int, torch.Tensor] = {}
+            with self._board.cond:
+                for src in self._weights:
+                    while True:
+                        found = self._board.lookup(src, self._name, self._step, self._max_staleness)
+                        now = time.monotonic()
+                        ready_at = self._ready_at(src)
+                        if found is not None and now >= ready_at:
+                            used_step, tensor = found
+                            received[src] = tensor
+                            self.stats.used_steps[src] = used_step
+                            self.stats.latency_seconds[src] = now - self._started
+                            self.stats.bytes_received += tensor.numel() * tensor.element_size()
+                            break
+                        if now >= deadline:
+                            raise ExchangeTimeout(
+                                f"no {self._name!r} step {self._step} from peer {src} within "
+                                f"{budget:.3g} s",
+                                neighbor=src,
+                                name=self._name,
+                                step=self._step,
+                            )
+                        wake = deadline if found is None else min(deadline, ready_at)
+                        self._board.cond.wait(timeout=max(0.0, wake - now))
+            self_weight, weights = damp_stale_weights(
+                self._self_weight, self._weights, self.stats.used_steps, self._step
+            )
+            self._result = weighted_sum(self._own, self_weight, received, weights, self._rank)
+            self.stats.wait_seconds = time.monotonic() - entered
+            return self._result
+
+
+class InMemoryFabric:
+    """A set of in-process peers exchanging through shared memory (for tests and simulators).
+
+    Args:
+        world_size: number of peers.
+        topology: object with ``view(rank, step)`` (``topology.Topology``); may be ``None``
+            when every call passes explicit weights.
+        retained_versions: versions kept per (peer, name).
+        deadline_seconds: default deadline of :meth:`Handle.wait`.
+        link_delay_seconds: optional ``{(src, dst): seconds}``: simulated slow links (a vector
+            from ``src`` becomes visible to ``dst`` that long after ``dst`` starts fetching).
+        link_bytes_per_second: optional simulated bandwidth of every link: a vector of ``b``
+            bytes takes a further ``b / link_bytes_per_second`` seconds to arrive.
+    """
+
+    def __init__(
+        self,
+        world_size: int,
+        topology: Any = None,
+        *,
+        retained_versions: int = DEFAULT_RETAINED_VERSIONS,
+        deadline_seconds: float = DEFAULT_DEADLINE_SECONDS,
+        link_delay_seconds: Mapping[tuple[int, int], float] | None = None,
+        link_bytes_per_second: float | None = None,
+    ) -> None:
+        if world_size < 1:
+            raise ValueError(f"world_size must be >= 1, got {world_size}")
+        if retained_versions < 1:
+            raise ValueError(f"retained_versions must be >= 1, got {retained_versions}")
+        self.world_size = world_size
+        self.topology = topology
+        self.deadline_seconds = deadline_seconds
+        self.link_delay_seconds = dict(link_delay_seconds or {})
+        self.link_bytes_per_second = link_bytes_per_second
+        self._board = _Board(world_size, retained_versions)
+
+    def communicator(self, rank: int) -> InMemoryCommunicator:
+        """The communicator of peer ``rank``."""
+        if not 0 <= rank < self.world_size:
+            raise ValueError(f"rank {rank} is not in 0..{self.world_size - 1}")
+        return InMemoryCommunicator(self, rank)
+
+    def retained_steps(self, rank: int, name: str) -> list[int]:
+        """Steps of ``name`` that peer ``rank`` still retains (oldest first)."""
+        with self._board.cond:
+            return list(self._board.versions.get((rank, name), ()))
+
+
+class InMemoryCommunicator(Communicator):
+    """Peer ``rank``'s end of an :class:`InMemoryFabric`."""
+
+    def __init__(self, fabric: InMemoryFabric, rank: int) -> None:
+        self.fabric = fabric
+        self.rank = rank
+        self.world_size = fabric.world_size
+        self.topology = fabric.topology
+
+    def _delay(self, src: int, nbytes: int) -> float:
+        delay = self.fabric.link_delay_seconds.get((src, self.rank), 0.0)
+        if self.fabric.link_bytes_per_second:
+            delay += nbytes / self.fabric.link_bytes_per_second
+        return delay
+
+    def neighbor_average_async(
+        self,
+        name: str,
+        tensor: torch.Tensor,
+        step: int,
+        self_weight: float | None = None,
+        src_weights: Mapping[int, float] | None = None,
+        *,
+        max_staleness: int = 0,
+        copy: bool = True,
+    ) -> Handle:
+        weight, weights = self._mixing_weights(step, self_weight, src_weights, max_staleness)
+        own = tensor.detach().clone() if copy else tensor.detach()
+        self.fabric._board.publish(self.rank, name, step, own, copy=False)
+        if not weights:
+            return CompletedHandle(own.mul(weight))
+        return _InMemoryHandle(
+            self.fabric._board,
+            name,
+            own,
+            step,
+            weight,
+            weights,
+            max_staleness,
+            self.fabric.deadline_seconds,
+            lambda src: self._delay(src, own.numel() * own.element_size()),
+            self.rank,
+        )
+
+    def publish(self, name: str, tensor: torch.Tensor, step: int) -> torch.Tensor | None:
+        self.fabric._board.publish(self.rank, name, step, tensor)
+        return None
+
+    def retained_versions(self, min_step: int) -> dict[str, dict[int, torch.Tensor]]:
+        board = self.fabric._board
+        with board.cond:
+            return {
+                name: {s: t for s, t in steps.items() if s >= min_step}
+                for (rank, name), steps in board.versions.items()
+                if rank == self.rank and any(s >= min_step for s in steps)
+            }
