@@ -21,17 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import TypeAdapter, ValidationError
 
-from topology.manifest_parse import (
-    ALGORITHMS,
-    build_topology_from_spec,
-    parse_exchange,
-    parse_peers,
-    parse_security,
-    parse_topology,
-    parse_training,
-)
 from topology.manifest_specs import (
+    ALGORITHMS,
     LOOPBACK_HOST,
     MANIFEST_VERSION,
     ExchangeSpec,
@@ -42,12 +35,16 @@ from topology.manifest_specs import (
     TlsSpec,
     TopologySpec,
     TrainingSpec,
+    build_topology_from_spec,
 )
-from topology.schema import ManifestError, Section, check_range, describe
+from topology.schema import ManifestError, check_range, describe, manifest_error
 
 logger = logging.getLogger(__name__)
 
-_TOP_KEYS = ("version", "peers", "topology", "training", "exchange", "security")
+#: Draft of JSON Schema that :func:`manifest_json_schema` writes.
+JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
+
+_ADAPTER: TypeAdapter[Manifest] = TypeAdapter(Manifest)
 
 __all__ = [
     "ALGORITHMS",
@@ -65,6 +62,7 @@ __all__ = [
     "dump_manifest",
     "init_manifest",
     "load_manifest",
+    "manifest_json_schema",
     "parse_manifest",
 ]
 
@@ -85,28 +83,31 @@ def parse_manifest(
     Raises:
         ManifestError: the first problem found, prefixed by its field path.
     """
-    top = Section(data, "", _TOP_KEYS)
-    version = top.raw("version", None)
-    if version is None:
-        raise ManifestError(f"version: required field is missing (use version: {MANIFEST_VERSION})")
-    if version != MANIFEST_VERSION or isinstance(version, bool):
-        raise ManifestError(
-            f"version: unsupported manifest version {version!r} "
-            f"(this program reads version {MANIFEST_VERSION})"
+    if isinstance(data, Mapping) and not isinstance(data, dict):
+        data = dict(data)
+    try:
+        return _ADAPTER.validate_python(
+            data, context={"base_dir": base_dir, "check_files": check_files}
         )
-    peers = parse_peers(top.raw("peers"))
-    topology_spec, topology = parse_topology(top.raw("topology"), len(peers))
-    training = parse_training(top.raw("training", None))
-    manifest = Manifest(
-        peers=peers,
-        topology=topology_spec,
-        training=training,
-        exchange=parse_exchange(top.raw("exchange", None), training),
-        security=parse_security(top.raw("security", None), base_dir, check_files),
-        version=MANIFEST_VERSION,
-    )
-    manifest.__dict__["_topology"] = topology  # prime build_topology()'s cache
-    return manifest
+    except ValidationError as exc:
+        raise manifest_error(exc, Manifest) from None
+
+
+def manifest_json_schema() -> dict[str, Any]:
+    """The JSON Schema of a manifest file, generated from the schema's dataclasses.
+
+    Editors (the VS Code YAML extension, any ``yaml-language-server`` client) use it to
+    validate and complete manifests. It checks each field's type, range and choices;
+    checks that span fields or need the topology (ranks, addresses, connectivity, weights)
+    are only made by :func:`load_manifest` / ``decentlam manifest check``.
+    """
+    schema = _ADAPTER.json_schema(mode="validation")
+    return {
+        "$schema": JSON_SCHEMA_DIALECT,
+        "title": "decentlam cluster manifest",
+        "description": f"decentlam cluster manifest, schema version {MANIFEST_VERSION}.",
+        **{k: v for k, v in schema.items() if k not in ("title", "description")},
+    }
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -161,7 +162,7 @@ def load_manifest(path: str | Path, check_files: bool = True) -> Manifest:
     if not isinstance(data, Mapping):
         raise ManifestError(f"{path}: the top level must be a mapping, got {describe(data)}")
     manifest = parse_manifest(data, base_dir=path.resolve().parent, check_files=check_files)
-    object.__setattr__(manifest, "source", path)
+    object.__setattr__(manifest, "source", path)  # not a field: no part of equality
     return manifest
 
 

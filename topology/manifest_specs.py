@@ -1,37 +1,108 @@
-"""The typed, immutable form of a manifest: one frozen dataclass per section.
+"""The manifest schema: one frozen pydantic dataclass per section, with its validation.
 
-Instances are produced by :func:`topology.manifest.parse_manifest`, which validates every
-field; this module only defines the shapes, their plain-data form (``to_dict``), the lookups
-peers need (``peer``, ``find_peer``) and the manifest digest. Import these names from
-:mod:`topology.manifest`.
+Each field is defined once here, with its type, range and default; the JSON Schema that
+editors use (``decentlam manifest schema``), the validation of ``decentlam manifest check``
+and the settings the peers run with all come from these definitions. Checks that involve
+several fields live in the validators of the section that holds them; checks that need the
+number of peers (ranks, edges, the topology build) live in :class:`Manifest`'s validator,
+which builds the :class:`~topology.topology.Topology` once and keeps it.
+
+Validation reads one way: field types (:mod:`topology.schema`) -> sections -> manifest ->
+topology (:mod:`topology.graphs`, :mod:`topology.topology`). Reading files and YAML is
+:mod:`topology.manifest`'s job; import the names below from there.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+import re
+import typing
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, ClassVar, Literal
 
-from topology.schema import ManifestError
+from pydantic import (
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic.dataclasses import dataclass
+
+from topology.checks import TopologyError
+from topology.graphs import (
+    GRAPH_ALIASES,
+    GRAPH_NAMES,
+    GRAPH_PARAMS,
+    Graph,
+    canonical_graph_name,
+    from_edges,
+    make_graph,
+    unreachable_peers,
+)
+from topology.schema import (
+    ManifestError,
+    NonEmptyStr,
+    Number,
+    StrictBool,
+    StrictInt,
+    describe,
+    fail,
+    join_path,
+)
 from topology.topology import Topology
 
 logger = logging.getLogger(__name__)
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION: Literal[1] = 1
 LOOPBACK_HOST = "127.0.0.1"
 
+Algorithm = Literal["decentlam", "dmsgd", "dsgd", "pmsgd", "awc-dmsgd", "qg-dmsgd", "dgd"]
+LrScheduleName = Literal["constant", "warmup", "step", "cosine"]
+Dtype = Literal["float32", "float64"]
+Weights = Literal["auto", "uniform", "metropolis", "explicit"]
+SymmetryPolicy = Literal["warn", "error", False]
 
-@dataclass(frozen=True)
+ALGORITHMS: tuple[str, ...] = typing.get_args(Algorithm)
+LR_SCHEDULES: tuple[str, ...] = typing.get_args(LrScheduleName)
+DTYPES: tuple[str, ...] = typing.get_args(Dtype)
+WEIGHTS: tuple[str, ...] = typing.get_args(Weights)
+#: Largest ``exchange.chunk_bytes``.
+MAX_CHUNK_BYTES = 64 << 20
+
+_DEVICE = re.compile(r"^(cpu|auto|cuda(:\d+)?)$")
+# A builtin task name ("digits", "synthetic-image") or an import path "package.module:factory".
+_TASK = re.compile(r"^([a-z0-9][a-z0-9_-]*|[A-Za-z_][\w.]*:[A-Za-z_]\w*)$")
+_PORT = Annotated[StrictInt, Field(ge=1, le=65535)]
+_COUNT = Annotated[StrictInt, Field(ge=0)]
+
+
+def _section_config(required: tuple[str, ...] | None = None) -> ConfigDict:
+    """Config of every section: unknown keys rejected; ``required`` overrides the schema's."""
+
+    def adjust(schema: dict[str, Any]) -> None:
+        if required is not None:
+            schema["required"] = list(required)
+
+    return ConfigDict(extra="forbid", json_schema_extra=adjust)
+
+
+def _empty_if_none(value: Any) -> Any:
+    """An absent (``null``) section reads as an empty mapping: all defaults."""
+    return {} if value is None else value
+
+
+@dataclass(frozen=True, config=_section_config(required=("port",)))
 class PeerSpec:
     """One peer: where it listens and what it runs on.
 
     Attributes:
-        rank: position in the topology, ``0..n-1``.
+        rank: position in the topology, ``0..n-1`` (default: its index in ``peers``).
         name: human-readable name (default ``peer<rank>``).
         host: host name or IP address the peer's gRPC server binds and others dial.
         port: gRPC port.
@@ -39,12 +110,51 @@ class PeerSpec:
         device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (CUDA if available).
     """
 
-    rank: int
-    name: str
-    host: str
-    port: int
-    metrics_port: int | None = None
-    device: str = "auto"
+    rank: Annotated[
+        StrictInt, Field(description="Position in the topology, 0..n-1 (default: list index).")
+    ]
+    name: Annotated[NonEmptyStr, Field(description="Human-readable name (default peer<rank>).")]
+    host: Annotated[
+        NonEmptyStr,
+        Field(description="Host name or IP the peer binds and others dial (default 127.0.0.1)."),
+    ]
+    port: Annotated[_PORT, Field(description="gRPC port.")]
+    metrics_port: Annotated[
+        _PORT | None, Field(description="Prometheus metrics port (null: no endpoint).")
+    ] = None
+    device: Annotated[
+        NonEmptyStr,
+        Field(
+            description="cpu, cuda, cuda:N or auto (CUDA if available).",
+            json_schema_extra={"pattern": _DEVICE.pattern},
+        ),
+    ] = "auto"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            data = dict(data)
+            data.setdefault("host", LOOPBACK_HOST)
+            if isinstance(data.get("rank"), int):
+                data.setdefault("name", f"peer{data['rank']}")
+        return data
+
+    @field_validator("host")
+    @classmethod
+    def _check_host(cls, host: str) -> str:
+        host = host.strip()
+        if any(c.isspace() for c in host) or "/" in host or host.count(":") == 1:
+            hint = "; put the port in 'port'" if host.count(":") == 1 else ""
+            fail(f"{host!r} is not a host name or IP{hint}")
+        return host
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, device: str) -> str:
+        if not _DEVICE.match(device):
+            fail(f"invalid device {device!r} (expected cpu, cuda, cuda:N or auto)")
+        return device
 
     @property
     def address(self) -> str:
@@ -64,7 +174,52 @@ class PeerSpec:
         }
 
 
-@dataclass(frozen=True)
+def _check_edges(value: Any) -> Any:
+    """Shape of ``topology.edges``: pairs of distinct integer ranks (range checked later)."""
+    if value is None or not isinstance(value, list | tuple):
+        return value
+    for index, edge in enumerate(value):
+        if not isinstance(edge, list | tuple) or len(edge) != 2:
+            fail(f"expected a pair [src, dst], got {describe(edge)}", index)
+        for end in edge:
+            if isinstance(end, bool) or not isinstance(end, int):
+                fail(f"ranks must be integers, got {describe(end)}", index)
+        if edge[0] == edge[1]:
+            fail(f"{list(edge)} is a self loop (self weights are implicit)", index)
+    return value
+
+
+def _check_matrix(value: Any) -> Any:
+    """Shape of ``topology.matrix``: rows of numbers (size checked against n later)."""
+    if value is None or not isinstance(value, list | tuple):
+        return value
+    for index, row in enumerate(value):
+        if not isinstance(row, list | tuple):
+            fail(f"expected a list of numbers, got {describe(row)}", index)
+        for item in row:
+            if isinstance(item, bool) or not isinstance(item, int | float):
+                fail(f"expected numbers, got {describe(item)}", index)
+    return value
+
+
+def _graph_name(value: Any) -> Any:
+    if not isinstance(value, str) or not value.strip():
+        fail(f"expected a non-empty string, got {describe(value)}")
+    try:
+        return canonical_graph_name(value)
+    except ValueError as exc:
+        fail(str(exc))
+
+
+def _symmetry_policy(value: Any) -> Any:
+    if value is True:
+        return "error"
+    if value is False or value in ("warn", "error"):
+        return value
+    fail(f"expected 'warn', 'error' or false, got {describe(value)}")
+
+
+@dataclass(frozen=True, config=_section_config())
 class TopologySpec:
     """The ``topology`` section: graph, weights and symmetry policy.
 
@@ -72,21 +227,71 @@ class TopologySpec:
         graph: canonical graph name (see :data:`topology.graphs.GRAPH_NAMES`).
         params: graph constructor parameters (``rows``, ``seed``, ``degree``, ``p``...).
         edges: ``[src, dst]`` pairs for the ``explicit`` graph, else None.
-        directed: whether the graph is directed (input for ``explicit``, checked otherwise).
+        directed: whether the graph is directed (input for ``explicit``, checked otherwise;
+            resolved from the graph by :class:`Manifest` when absent).
         weights: ``auto``, ``uniform``, ``metropolis`` or ``explicit``.
         matrix: the ``n x n`` matrix for ``explicit`` weights, else None.
-        time_varying: whether the graph is time-varying (checked against the graph).
+        time_varying: whether the graph is time-varying (checked against the graph; resolved
+            by :class:`Manifest` when absent).
         require_symmetric: ``"warn"``, ``"error"`` or False (see :mod:`topology.checks`).
     """
 
-    graph: str
-    params: Mapping[str, Any] = field(default_factory=dict)
-    edges: tuple[tuple[int, int], ...] | None = None
-    directed: bool = False
-    weights: str = "auto"
-    matrix: tuple[tuple[float, ...], ...] | None = None
-    time_varying: bool = False
-    require_symmetric: str | bool = "warn"
+    graph: Annotated[
+        str,
+        BeforeValidator(_graph_name),
+        Field(
+            description="Graph name (aliases accepted).",
+            json_schema_extra={"enum": [*GRAPH_NAMES, *GRAPH_ALIASES]},
+        ),
+    ]
+    params: Annotated[
+        dict[str, Any],
+        BeforeValidator(_empty_if_none),
+        Field(description="Graph parameters: rows (grid, torus), degree, p, seed, center..."),
+    ] = dataclasses.field(default_factory=dict)
+    edges: Annotated[
+        tuple[tuple[StrictInt, StrictInt], ...] | None,
+        BeforeValidator(_check_edges),
+        Field(description="[src, dst] rank pairs of the explicit graph."),
+    ] = None
+    directed: Annotated[
+        StrictBool | None, Field(description="Directed graph (input for explicit, else checked).")
+    ] = None
+    weights: Annotated[Weights, Field(description="Mixing weight scheme.")] = "auto"
+    matrix: Annotated[
+        tuple[tuple[Number, ...], ...] | None,
+        BeforeValidator(_check_matrix),
+        Field(description="The n x n mixing matrix for weights: explicit."),
+    ] = None
+    time_varying: Annotated[
+        StrictBool | None, Field(description="Checked against the graph when given.")
+    ] = None
+    require_symmetric: Annotated[
+        SymmetryPolicy,
+        BeforeValidator(_symmetry_policy, json_schema_input_type=Literal["warn", "error"] | bool),
+        Field(description="A non-symmetric mixing matrix: warn, error (true) or accept (false)."),
+    ] = "warn"
+
+    @model_validator(mode="after")
+    def _check_fields(self) -> TopologySpec:
+        if self.graph == "explicit":
+            if self.params:
+                fail("graph 'explicit' takes no params; use 'edges'", "params")
+        elif self.edges is not None:
+            fail(f"only used with graph 'explicit', not {self.graph!r}", "edges")
+        else:
+            accepted = GRAPH_PARAMS[self.graph]
+            for key in self.params:
+                if key not in accepted:
+                    fail(
+                        f"graph {self.graph!r} does not take this parameter "
+                        f"(accepted: {', '.join(accepted) or 'none'})",
+                        "params",
+                        key,
+                    )
+        if self.weights != "explicit" and self.matrix is not None:
+            fail("only used with weights 'explicit'", "matrix")
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form, as written in the manifest."""
@@ -102,7 +307,7 @@ class TopologySpec:
         return data
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_section_config())
 class LrScheduleSpec:
     """``training.lr_schedule``: how the learning rate changes with the step.
 
@@ -116,11 +321,26 @@ class LrScheduleSpec:
         min_lr: final lr for ``cosine``.
     """
 
-    name: str = "constant"
-    warmup_steps: int = 0
-    milestones: tuple[int, ...] = ()
-    gamma: float = 0.1
-    min_lr: float = 0.0
+    name: Annotated[LrScheduleName, Field(description="Schedule.")] = "constant"
+    warmup_steps: Annotated[_COUNT, Field(description="Linear warmup length in steps.")] = 0
+    milestones: Annotated[
+        tuple[StrictInt, ...], Field(description="Steps at which 'step' multiplies lr by gamma.")
+    ] = ()
+    gamma: Annotated[Number, Field(gt=0.0, le=1.0, description="Decay factor of 'step'.")] = 0.1
+    min_lr: Annotated[Number, Field(ge=0.0, description="Final lr of 'cosine'.")] = 0.0
+
+    @model_validator(mode="after")
+    def _check_fields(self) -> LrScheduleSpec:
+        if self.name == "warmup" and self.warmup_steps == 0:
+            fail("must be > 0 for the warmup schedule", "warmup_steps")
+        previous = 0
+        for index, milestone in enumerate(self.milestones):
+            if milestone <= previous:
+                fail(f"{milestone} must be > {previous} (strictly increasing)", "milestones", index)
+            previous = milestone
+        if self.name == "step" and not self.milestones:
+            fail("the step schedule needs at least one step", "milestones")
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form, as written in the manifest."""
@@ -133,62 +353,146 @@ class LrScheduleSpec:
         }
 
 
-@dataclass(frozen=True)
+def _schedule_shorthand(value: Any) -> Any:
+    """``lr_schedule: cosine`` is short for ``lr_schedule: {name: cosine}``."""
+    if value is None:
+        return {}
+    return {"name": value} if isinstance(value, str) else value
+
+
+def _task_name(task: str) -> str:
+    if not _TASK.match(task):
+        fail(
+            f"invalid task {task!r} (expected a builtin name such as 'digits' "
+            f"or 'package.module:factory')"
+        )
+    return task
+
+
+@dataclass(frozen=True, config=_section_config())
 class TrainingSpec:
     """The ``training`` section (see the README's manifest reference for every field)."""
 
-    algorithm: str = "decentlam"
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    batch_size: int = 32
-    steps: int = 100
-    lr_schedule: LrScheduleSpec = field(default_factory=LrScheduleSpec)
-    global_average_every: int = 0
-    task: str = "digits"
-    task_options: Mapping[str, Any] = field(default_factory=dict)
-    seed: int = 0
-    dtype: str = "float32"
-    max_staleness: int = 0
-    checkpoint_every: int = 0
-    eval_every: int = 0
+    algorithm: Annotated[Algorithm, Field(description="Decentralized optimizer.")] = "decentlam"
+    lr: Annotated[Number, Field(gt=0.0, description="Learning rate.")] = 0.1
+    momentum: Annotated[Number, Field(ge=0.0, lt=1.0, description="Momentum factor.")] = 0.9
+    weight_decay: Annotated[Number, Field(ge=0.0, description="L2 weight decay.")] = 0.0
+    batch_size: Annotated[StrictInt, Field(ge=1, description="Per-peer batch size.")] = 32
+    steps: Annotated[StrictInt, Field(ge=1, description="Training steps per peer.")] = 100
+    lr_schedule: Annotated[
+        LrScheduleSpec,
+        BeforeValidator(
+            _schedule_shorthand, json_schema_input_type=LrScheduleName | LrScheduleSpec
+        ),
+        Field(description="Learning-rate schedule (a name or a mapping)."),
+    ] = dataclasses.field(default_factory=LrScheduleSpec)
+    global_average_every: Annotated[
+        _COUNT, Field(description="Exact global average every k steps (0: never).")
+    ] = 0
+    task: Annotated[
+        NonEmptyStr,
+        Field(
+            description="Builtin task name or 'package.module:factory'.",
+            json_schema_extra={"pattern": _TASK.pattern},
+        ),
+    ] = "digits"
+    task_options: Annotated[
+        dict[str, Any], BeforeValidator(_empty_if_none), Field(description="Options of the task.")
+    ] = dataclasses.field(default_factory=dict)
+    seed: Annotated[_COUNT, Field(description="Random seed of the run.")] = 0
+    dtype: Annotated[Dtype, Field(description="Parameter dtype.")] = "float32"
+    max_staleness: Annotated[
+        _COUNT, Field(description="Steps a neighbour's vector may lag (0: synchronous).")
+    ] = 0
+    checkpoint_every: Annotated[_COUNT, Field(description="Checkpoint every k steps (0: off).")] = 0
+    eval_every: Annotated[_COUNT, Field(description="Evaluate every k steps (0: at the end).")] = 0
+
+    @field_validator("task")
+    @classmethod
+    def _check_task(cls, task: str) -> str:
+        return _task_name(task)
+
+    @model_validator(mode="after")
+    def _check_fields(self) -> TrainingSpec:
+        if self.lr_schedule.min_lr > self.lr:
+            min_lr = self.lr_schedule.min_lr
+            fail(f"{min_lr} is above training.lr ({self.lr})", "lr_schedule", "min_lr")
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form, as written in the manifest."""
-        data = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         data["lr_schedule"] = self.lr_schedule.to_dict()
         data["task_options"] = dict(self.task_options)
         return data
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_section_config())
 class ExchangeSpec:
     """The ``exchange`` section: how peers move vectors (chunking, deadlines, retries)."""
 
-    chunk_bytes: int = 1 << 20
-    fetch_deadline_seconds: float = 30.0
-    connect_deadline_seconds: float = 60.0
-    retry_backoff_seconds: float = 0.05
-    max_retries: int = 5
-    max_staleness: int = 0
-    bandwidth_bytes_per_second: int | None = None
-    retained_versions: int = 4
-    parallel_streams: int = 1
-    bucket_bytes: int = 4 << 20
+    chunk_bytes: Annotated[
+        StrictInt, Field(ge=1, le=MAX_CHUNK_BYTES, description="Bytes per streamed chunk.")
+    ] = 1 << 20
+    fetch_deadline_seconds: Annotated[
+        Number, Field(gt=0.0, description="Deadline of one fetch of a neighbour's vector.")
+    ] = 30.0
+    connect_deadline_seconds: Annotated[
+        Number, Field(gt=0.0, description="How long to wait for neighbours at start-up.")
+    ] = 60.0
+    retry_backoff_seconds: Annotated[
+        Number, Field(ge=0.0, description="First back-off between retries (doubles).")
+    ] = 0.05
+    max_retries: Annotated[_COUNT, Field(description="Retries of a failed fetch.")] = 5
+    max_staleness: Annotated[
+        _COUNT, Field(description="Same as training.max_staleness (defaults to it).")
+    ] = 0
+    bandwidth_bytes_per_second: Annotated[
+        StrictInt | None,
+        Field(ge=1, description="Simulated link bandwidth per peer (null: unlimited)."),
+    ] = None
+    retained_versions: Annotated[
+        StrictInt, Field(ge=1, description="Published versions a peer keeps (> max_staleness).")
+    ] = 4
+    parallel_streams: Annotated[
+        StrictInt, Field(ge=1, description="Concurrent streams per fetch.")
+    ] = 1
+    bucket_bytes: Annotated[
+        StrictInt, Field(ge=1, description="Bytes of parameters per exchanged bucket.")
+    ] = 4 << 20
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form, as written in the manifest."""
-        return {name: getattr(self, name) for name in self.__dataclass_fields__}
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
-@dataclass(frozen=True)
+def _file(value: Any, info: ValidationInfo) -> Path | None:
+    """A file path relative to the manifest's directory; must exist if the context says so."""
+    if value is None or isinstance(value, Path):
+        return value
+    if not isinstance(value, str) or not value.strip():
+        fail(f"expected a non-empty string, got {describe(value)}")
+    context = info.context or {}
+    path = Path(value).expanduser()
+    base_dir = context.get("base_dir")
+    if not path.is_absolute() and base_dir is not None:
+        path = Path(base_dir) / path
+    if context.get("check_files", False) and not path.is_file():
+        fail(f"file not found: {path}")
+    return path
+
+
+_File = Annotated[Path, BeforeValidator(_file)]
+
+
+@dataclass(frozen=True, config=_section_config())
 class TlsSpec:
     """``security.tls``: PEM files (resolved paths) and whether clients must present a cert."""
 
-    cert: Path
-    key: Path
-    ca: Path
-    mutual: bool = False
+    cert: Annotated[_File, Field(description="Certificate chain (PEM) of this host.")]
+    key: Annotated[_File, Field(description="Private key (PEM).")]
+    ca: Annotated[_File, Field(description="CA bundle (PEM) that signs every peer.")]
+    mutual: Annotated[StrictBool, Field(description="Require client certificates.")] = False
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form, as written in the manifest."""
@@ -200,12 +504,14 @@ class TlsSpec:
         }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_section_config())
 class SecuritySpec:
     """The ``security`` section: shared-token file and TLS, both optional."""
 
-    token_file: Path | None = None
-    tls: TlsSpec | None = None
+    token_file: Annotated[
+        _File | None, Field(description="File holding the shared token (relative: manifest dir).")
+    ] = None
+    tls: Annotated[TlsSpec | None, Field(description="TLS for every exchange.")] = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form, as written in the manifest."""
@@ -215,7 +521,54 @@ class SecuritySpec:
         }
 
 
-@dataclass(frozen=True)
+def _peer_list(value: Any) -> Any:
+    """``peers`` is a non-empty list; a peer without ``rank`` takes its index."""
+    if not isinstance(value, list | tuple):
+        fail(f"expected a list of peers, got {describe(value)}")
+    if not value:
+        fail("at least one peer is required")
+    items = []
+    for index, item in enumerate(value):
+        if item is None:
+            item = {}
+        if isinstance(item, dict) and "rank" not in item:
+            item = {**item, "rank": index}
+        items.append(item)
+    return items
+
+
+def _check_peers(peers: tuple[PeerSpec, ...]) -> tuple[PeerSpec, ...]:
+    """Ranks are exactly 0..n-1 and no two ports share an address; returns peers by rank."""
+    n = len(peers)
+    by_rank: dict[int, int] = {}
+    used: dict[tuple[str, int], str] = {}
+    for index, spec in enumerate(peers):
+        if not 0 <= spec.rank < n:
+            fail(
+                f"{spec.rank} is out of range 0..{n - 1} "
+                f"(ranks must be 0..n-1 for the {n} peers listed)",
+                index,
+                "rank",
+            )
+        if spec.rank in by_rank:
+            fail(f"duplicate rank {spec.rank} (also peers[{by_rank[spec.rank]}])", index, "rank")
+        by_rank[spec.rank] = index
+        for key in ("port", "metrics_port"):
+            port = getattr(spec, key)
+            if port is None:
+                continue
+            address = (address_key(spec.host), port)
+            where = join_path(join_path("peers", index), key)
+            if address in used:
+                fail(f"address {spec.host}:{port} is already used by {used[address]}", index, key)
+            used[address] = where
+    return tuple(sorted(peers, key=lambda p: p.rank))
+
+
+_MANIFEST_REQUIRED = ("version", "peers", "topology")
+
+
+@dataclass(frozen=True, kw_only=True, config=_section_config(required=_MANIFEST_REQUIRED))
 class Manifest:
     """A validated cluster manifest (``version: 1``).
 
@@ -226,13 +579,84 @@ class Manifest:
         source: the file it was loaded from, if any (not part of equality or the digest).
     """
 
-    peers: tuple[PeerSpec, ...]
-    topology: TopologySpec
-    training: TrainingSpec = field(default_factory=TrainingSpec)
-    exchange: ExchangeSpec = field(default_factory=ExchangeSpec)
-    security: SecuritySpec = field(default_factory=SecuritySpec)
-    version: int = MANIFEST_VERSION
-    source: Path | None = field(default=None, compare=False, repr=False)
+    version: Annotated[Literal[1], Field(description="Manifest schema version.")] = MANIFEST_VERSION
+    peers: Annotated[
+        tuple[PeerSpec, ...],
+        BeforeValidator(_peer_list, json_schema_input_type=list[PeerSpec]),
+        Field(description="The peers; ranks 0..n-1.", min_length=1),
+    ]
+    topology: Annotated[
+        TopologySpec,
+        BeforeValidator(_empty_if_none, json_schema_input_type=TopologySpec),
+        Field(description="Graph and mixing weights."),
+    ]
+    training: Annotated[
+        TrainingSpec,
+        BeforeValidator(_empty_if_none, json_schema_input_type=TrainingSpec),
+        Field(description="Training hyper-parameters."),
+    ] = dataclasses.field(default_factory=TrainingSpec)
+    exchange: Annotated[
+        ExchangeSpec,
+        BeforeValidator(_empty_if_none, json_schema_input_type=ExchangeSpec),
+        Field(description="How peers exchange vectors."),
+    ] = dataclasses.field(default_factory=ExchangeSpec)
+    security: Annotated[
+        SecuritySpec,
+        BeforeValidator(_empty_if_none, json_schema_input_type=SecuritySpec),
+        Field(description="Shared token and TLS."),
+    ] = dataclasses.field(default_factory=SecuritySpec)
+    source: ClassVar[Path | None] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _check_version(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        version = data.get("version")
+        if version is None:
+            fail(f"required field is missing (use version: {MANIFEST_VERSION})", "version")
+        if version != MANIFEST_VERSION or isinstance(version, bool):
+            fail(
+                f"unsupported manifest version {version!r} "
+                f"(this program reads version {MANIFEST_VERSION})",
+                "version",
+            )
+        # One staleness bound for the run: exchange.max_staleness defaults to the training one.
+        training, exchange = data.get("training"), data.get("exchange")
+        if isinstance(training, dict) and "max_staleness" in training:
+            if exchange is None:
+                exchange = {}
+            if isinstance(exchange, dict) and "max_staleness" not in exchange:
+                exchange = {**exchange, "max_staleness": training["max_staleness"]}
+                data = {**data, "exchange": exchange}
+        return data
+
+    @field_validator("peers")
+    @classmethod
+    def _check_peers(cls, peers: tuple[PeerSpec, ...]) -> tuple[PeerSpec, ...]:
+        return _check_peers(peers)
+
+    @model_validator(mode="after")
+    def _check_sections(self) -> Manifest:
+        topology, built = _resolve_topology(self.topology, self.world_size)
+        object.__setattr__(self, "topology", topology)
+        self.__dict__["_topology"] = built  # prime build_topology()'s cache
+        staleness = self.exchange.max_staleness
+        if staleness != self.training.max_staleness:
+            fail(
+                f"{staleness} conflicts with training.max_staleness "
+                f"({self.training.max_staleness}); set one of them",
+                "exchange",
+                "max_staleness",
+            )
+        if self.exchange.retained_versions <= staleness:
+            fail(
+                f"{self.exchange.retained_versions} must be > max_staleness ({staleness}), "
+                f"or stale neighbours could ask for versions already dropped",
+                "exchange",
+                "retained_versions",
+            )
+        return self
 
     @property
     def world_size(self) -> int:
@@ -267,8 +691,6 @@ class Manifest:
 
     @cached_property
     def _topology(self) -> Topology:
-        from topology.manifest_parse import build_topology_from_spec
-
         return build_topology_from_spec(self.topology, self.world_size)
 
     def to_dict(self) -> dict[str, Any]:
@@ -292,6 +714,102 @@ class Manifest:
         del data["security"]
         canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), allow_nan=False)
         return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def _resolve_topology(spec: TopologySpec, n: int) -> tuple[TopologySpec, Topology]:
+    """Check the ``topology`` section against ``n`` peers and build its topology.
+
+    Returns:
+        The spec with ``directed`` and ``time_varying`` resolved from the graph, and the
+        validated topology. Problems are reported with :func:`fail` at ``topology.<field>``.
+    """
+    graph: Graph
+    if spec.graph == "explicit":
+        for index, edge in enumerate(spec.edges or ()):
+            for end in edge:
+                if not 0 <= end < n:
+                    fail(
+                        f"{list(edge)} names rank {end} but the manifest has {n} peers "
+                        f"(ranks 0..{n - 1})",
+                        "topology",
+                        "edges",
+                        index,
+                    )
+        graph = from_edges(n, spec.edges or (), directed=bool(spec.directed))
+    else:
+        try:
+            graph = make_graph(spec.graph, n, **spec.params)
+        except (TypeError, ValueError) as exc:
+            fail(f"cannot build {spec.graph!r} for {n} peers: {exc}", "topology", "graph")
+    if spec.matrix is not None:
+        if len(spec.matrix) != n:
+            fail(f"expected {n} rows (one per peer), got {len(spec.matrix)}", "topology", "matrix")
+        for index, row in enumerate(spec.matrix):
+            if len(row) != n:
+                fail(
+                    f"expected a list of {n} numbers, got {describe(list(row))}",
+                    "topology",
+                    "matrix",
+                    index,
+                )
+    checked = [("time_varying", spec.time_varying, graph.time_varying)]
+    if spec.graph != "explicit":
+        checked.append(("directed", spec.directed, not graph.is_undirected))
+    for key, given, actual in checked:
+        if given is not None and given != actual:
+            fail(
+                f"{str(given).lower()} does not match graph {spec.graph!r}, "
+                f"which is {'' if actual else 'not '}{key.replace('_', '-')}",
+                "topology",
+                key,
+            )
+    resolved = dataclasses.replace(
+        spec,
+        directed=not graph.is_undirected if spec.directed is None else spec.directed,
+        time_varying=graph.time_varying,
+    )
+    return resolved, _build(resolved, graph, n)
+
+
+def build_topology_from_spec(spec: TopologySpec, n: int) -> Topology:
+    """Build and validate the topology of a ``topology`` section for ``n`` peers.
+
+    Raises:
+        ManifestError: the graph cannot be built, is disconnected or the weights fail a
+            check; the message starts with the field to fix (``topology.edges``...).
+    """
+    try:
+        if spec.graph == "explicit":
+            graph = from_edges(n, spec.edges or (), directed=bool(spec.directed))
+        else:
+            graph = make_graph(spec.graph, n, **spec.params)
+    except (TypeError, ValueError) as exc:
+        raise ManifestError(
+            f"topology.graph: cannot build {spec.graph!r} for {n} peers: {exc}"
+        ) from None
+    return _build(spec, graph, n)
+
+
+def _build(spec: TopologySpec, graph: Graph, n: int) -> Topology:
+    graph_field = "edges" if spec.graph == "explicit" else "graph"
+    missing = unreachable_peers(n, graph.edges)
+    if missing:
+        shown = ", ".join(map(str, missing[:10])) + (", ..." if len(missing) > 10 else "")
+        raise ManifestError(
+            f"topology.{graph_field}: graph {graph.name!r} is not connected: peer(s) {shown} "
+            f"cannot exchange with peer 0 in both directions"
+        )
+    where = "matrix" if spec.weights == "explicit" else "weights"
+    try:
+        topology = Topology(graph, spec.weights, matrix=spec.matrix)
+        topology.validate(require_symmetric=spec.require_symmetric)
+    except TopologyError as exc:
+        hint = ""
+        if spec.weights == "uniform" and graph.is_undirected and "sums to" in str(exc):
+            hint = " (uniform weights are doubly stochastic only on regular graphs; "
+            hint += "try weights: metropolis)"
+        raise ManifestError(f"topology.{where}: {exc}{hint}") from None
+    return topology
 
 
 def address_key(host: str) -> str:

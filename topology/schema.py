@@ -1,27 +1,66 @@
-"""Typed, path-aware readers for the manifest schema, and :class:`ManifestError`.
+"""The pydantic plumbing of the manifest schema: field types, :class:`ManifestError` and the
+translation of pydantic's validation errors into one-line messages.
 
-Every manifest error message starts with the field path and names the bad value, e.g.
-``peers[2].port: 70000 is out of range 1..65535``. :class:`Section` reads one mapping of the
-manifest: it rejects unknown keys (suggesting close matches), and each getter checks the type
-(a YAML ``true`` is not an integer), range and choices of one field.
+The sections of the manifest are pydantic dataclasses (:mod:`topology.manifest_specs`); their
+fields use the types defined here (``StrictInt``/:data:`Number` with ``Field(ge=..., le=...)``,
+:data:`NonEmptyStr`, ``Literal`` choices). Validators that need a message of their own raise
+:func:`fail`. :func:`manifest_error` turns the first error pydantic reports into a
+:class:`ManifestError` whose message starts with the field path and names the bad value, e.g.
+``peers[2].port: 70000 is out of range 1..65535``; unknown keys get a close match (difflib).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import logging
-import math
+import types
+import typing
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, NoReturn
+
+import annotated_types
+from pydantic import AfterValidator, AllowInfNan, Field, Strict, ValidationError
+from pydantic import StrictBool as StrictBool
+from pydantic import StrictInt as StrictInt
+from pydantic.fields import FieldInfo
+from pydantic_core import PydanticCustomError
 
 logger = logging.getLogger(__name__)
 
-MISSING: Any = object()
+_CUSTOM = "manifest"
 
 
 class ManifestError(ValueError):
     """An invalid manifest. The message names the field path and the offending value."""
+
+
+def _check_non_empty(value: str) -> str:
+    if not value.strip():
+        fail(f"expected a non-empty string, got {describe(value)}")
+    return value
+
+
+#: A real number: integers accepted, booleans, strings, NaN and infinities rejected.
+Number = Annotated[float, Strict(), AllowInfNan(False)]
+#: A string with at least one non-blank character.
+NonEmptyStr = Annotated[
+    str,
+    Strict(),
+    AfterValidator(_check_non_empty),
+    Field(json_schema_extra={"minLength": 1, "pattern": r"\S"}),
+]
+
+
+def fail(message: str, *at: str | int) -> NoReturn:
+    """Reject a value from inside a validator with ``message``.
+
+    Args:
+        message: the message after the field path (name the bad value).
+        *at: path of the offending field relative to the value being validated
+            (``fail("...", "lr_schedule", "min_lr")`` from the ``training`` section).
+    """
+    raise PydanticCustomError(_CUSTOM, "{message}", {"message": message, "at": at})
 
 
 def describe(value: Any) -> str:
@@ -50,167 +89,185 @@ def join_path(path: str, key: str | int) -> str:
     return f"{path}.{key}" if path else str(key)
 
 
-class Section:
-    """Reader for one mapping of the manifest at ``path``.
-
-    Args:
-        data: the raw value (must be a mapping; ``None`` is read as an empty mapping).
-        path: field path for error messages (``""`` for the top level).
-        known: the keys allowed in this mapping.
-    """
-
-    def __init__(self, data: Any, path: str, known: Sequence[str]) -> None:
-        if data is None:
-            data = {}
-        if not isinstance(data, Mapping):
-            where = path or "manifest"
-            raise ManifestError(f"{where}: expected a mapping, got {describe(data)}")
-        self.path = path
-        self.data = data
-        for key in data:
-            if not isinstance(key, str):
-                raise ManifestError(f"{join_path(path, str(key))}: keys must be strings")
-            if key not in known:
-                raise ManifestError(
-                    f"{join_path(path, key)}: unknown key{suggest(key, known)}; "
-                    f"known keys: {', '.join(known)}"
-                )
-
-    def at(self, key: str) -> str:
-        """Field path of ``key`` in this section."""
-        return join_path(self.path, key)
-
-    def has(self, key: str) -> bool:
-        """Whether ``key`` is present (even as null)."""
-        return key in self.data
-
-    def raw(self, key: str, default: Any = MISSING) -> Any:
-        """The unchecked value of ``key`` (``default`` if absent; required if no default)."""
-        if key not in self.data:
-            if default is MISSING:
-                raise ManifestError(f"{self.at(key)}: required field is missing")
-            return default
-        return self.data[key]
-
-    def integer(
-        self,
-        key: str,
-        default: Any = MISSING,
-        *,
-        minimum: int | None = None,
-        maximum: int | None = None,
-        nullable: bool = False,
-    ) -> Any:
-        """An integer field (booleans rejected), optionally range-checked or null."""
-        value = self.raw(key, default)
-        if value is None and nullable:
-            return None
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ManifestError(f"{self.at(key)}: expected an integer, got {describe(value)}")
-        check_range(self.at(key), value, minimum, maximum)
-        return value
-
-    def number(
-        self,
-        key: str,
-        default: Any = MISSING,
-        *,
-        minimum: float | None = None,
-        maximum: float | None = None,
-        exclusive_minimum: bool = False,
-        exclusive_maximum: bool = False,
-    ) -> float:
-        """A real-number field (integers accepted, booleans and NaN/inf rejected)."""
-        value = self.raw(key, default)
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ManifestError(f"{self.at(key)}: expected a number, got {describe(value)}")
-        if not math.isfinite(value):
-            raise ManifestError(f"{self.at(key)}: {value} is not a finite number")
-        low_bad = minimum is not None and (
-            value <= minimum if exclusive_minimum else value < minimum
-        )
-        high_bad = maximum is not None and (
-            value >= maximum if exclusive_maximum else value > maximum
-        )
-        if low_bad or high_bad:
-            if maximum is None:
-                op = ">" if exclusive_minimum else ">="
-                raise ManifestError(f"{self.at(key)}: must be {op} {minimum:g}, got {value}")
-            lo = "(" if exclusive_minimum else "["
-            hi = ")" if exclusive_maximum else "]"
-            low = "-inf" if minimum is None else f"{minimum:g}"
-            raise ManifestError(
-                f"{self.at(key)}: {value} is out of range {lo}{low}, {maximum:g}{hi}"
-            )
-        return float(value)
-
-    def string(
-        self,
-        key: str,
-        default: Any = MISSING,
-        *,
-        choices: Sequence[str] | None = None,
-        nullable: bool = False,
-    ) -> Any:
-        """A non-empty string field, optionally one of ``choices``."""
-        value = self.raw(key, default)
-        if value is None and nullable:
-            return None
-        if not isinstance(value, str) or not value.strip():
-            raise ManifestError(
-                f"{self.at(key)}: expected a non-empty string, got {describe(value)}"
-            )
-        if choices is not None and value not in choices:
-            raise ManifestError(
-                f"{self.at(key)}: {value!r} is not one of {', '.join(choices)}"
-                f"{suggest(value, choices)}"
-            )
-        return value
-
-    def boolean(self, key: str, default: Any = MISSING) -> bool:
-        """A boolean field (``true``/``false``; integers rejected)."""
-        value = self.raw(key, default)
-        if not isinstance(value, bool):
-            raise ManifestError(f"{self.at(key)}: expected true or false, got {describe(value)}")
-        return value
-
-    def mapping(self, key: str, default: Any = MISSING) -> dict[str, Any]:
-        """A free-form mapping field (keys must be strings), returned as a new dict."""
-        value = self.raw(key, default)
-        if value is None:
-            return {}
-        if not isinstance(value, Mapping):
-            raise ManifestError(f"{self.at(key)}: expected a mapping, got {describe(value)}")
-        for k in value:
-            if not isinstance(k, str):
-                raise ManifestError(f"{self.at(key)}: keys must be strings, got {describe(k)}")
-        return dict(value)
-
-    def sequence(self, key: str, default: Any = MISSING, *, nullable: bool = False) -> Any:
-        """A list field."""
-        value = self.raw(key, default)
-        if value is None and nullable:
-            return None
-        if not isinstance(value, list | tuple):
-            raise ManifestError(f"{self.at(key)}: expected a list, got {describe(value)}")
-        return list(value)
-
-    def path_field(self, key: str, base_dir: Path | None, check_files: bool) -> Path | None:
-        """A file path (relative to ``base_dir``) that must exist if ``check_files``; or null."""
-        value = self.string(key, None, nullable=True)
-        if value is None:
-            return None
-        path = Path(value).expanduser()
-        if not path.is_absolute() and base_dir is not None:
-            path = base_dir / path
-        if check_files and not path.is_file():
-            raise ManifestError(f"{self.at(key)}: file not found: {path}")
-        return path
+def format_path(loc: Iterable[str | int]) -> str:
+    """``("peers", 2, "port")`` -> ``"peers[2].port"``."""
+    path = ""
+    for part in loc:
+        path = join_path(path, part)
+    return path
 
 
 def check_range(path: str, value: int, minimum: int | None, maximum: int | None) -> None:
     """Raise ``path: V is out of range lo..hi`` (or ``must be >= lo``) if out of bounds."""
     if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
-        if maximum is None:
-            raise ManifestError(f"{path}: {value} is out of range (must be >= {minimum})")
-        raise ManifestError(f"{path}: {value} is out of range {minimum}..{maximum}")
+        raise ManifestError(f"{path}: {int_range_message(value, minimum, maximum)}")
+
+
+def int_range_message(value: Any, minimum: int | None, maximum: int | None) -> str:
+    """``"V is out of range lo..hi"``, or ``(must be >= lo)`` / ``(must be <= hi)``."""
+    if maximum is None:
+        return f"{value} is out of range (must be >= {minimum})"
+    if minimum is None:
+        return f"{value} is out of range (must be <= {maximum})"
+    return f"{value} is out of range {minimum}..{maximum}"
+
+
+@dataclasses.dataclass
+class _Bounds:
+    minimum: float | None = None
+    maximum: float | None = None
+    exclusive_minimum: bool = False
+    exclusive_maximum: bool = False
+    integer: bool = False
+
+
+def _walk(annotation: Any, infos: list[Any], bounds: _Bounds) -> None:
+    """Collect range constraints and int-ness from an annotation and its metadata."""
+    if typing.get_origin(annotation) is Annotated:
+        base, *metadata = typing.get_args(annotation)
+        _walk(base, infos, bounds)
+        infos.extend(metadata)
+        return
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            if arg is not type(None):
+                _walk(arg, infos, bounds)
+        return
+    if annotation is int:
+        bounds.integer = True
+
+
+def _bounds(info: FieldInfo) -> _Bounds:
+    bounds = _Bounds()
+    metadata: list[Any] = list(info.metadata)
+    _walk(info.annotation, metadata, bounds)
+    for item in metadata:
+        for constraint in item.metadata if isinstance(item, FieldInfo) else [item]:
+            if isinstance(constraint, annotated_types.Ge):
+                bounds.minimum = constraint.ge  # type: ignore[assignment]
+            elif isinstance(constraint, annotated_types.Gt):
+                bounds.minimum, bounds.exclusive_minimum = constraint.gt, True  # type: ignore[assignment]
+            elif isinstance(constraint, annotated_types.Le):
+                bounds.maximum = constraint.le  # type: ignore[assignment]
+            elif isinstance(constraint, annotated_types.Lt):
+                bounds.maximum, bounds.exclusive_maximum = constraint.lt, True  # type: ignore[assignment]
+    return bounds
+
+
+def _range_message(value: Any, b: _Bounds) -> str:
+    if b.integer:
+        low = None if b.minimum is None else int(b.minimum) + (1 if b.exclusive_minimum else 0)
+        high = None if b.maximum is None else int(b.maximum) - (1 if b.exclusive_maximum else 0)
+        return int_range_message(value, low, high)
+    if b.maximum is None:
+        return f"must be {'>' if b.exclusive_minimum else '>='} {b.minimum:g}, got {value}"
+    if b.minimum is None:
+        return f"must be {'<' if b.exclusive_maximum else '<='} {b.maximum:g}, got {value}"
+    lo = "(" if b.exclusive_minimum else "["
+    hi = ")" if b.exclusive_maximum else "]"
+    return f"{value} is out of range {lo}{b.minimum:g}, {b.maximum:g}{hi}"
+
+
+def _unwrap(annotation: Any) -> Any:
+    """The dataclass or ``tuple[X, ...]`` item type behind Optional/Annotated wrappers."""
+    while True:
+        origin = typing.get_origin(annotation)
+        if origin is Annotated:
+            annotation = typing.get_args(annotation)[0]
+        elif origin in (typing.Union, types.UnionType):
+            args = [a for a in typing.get_args(annotation) if a is not type(None)]
+            if len(args) != 1:
+                return annotation
+            annotation = args[0]
+        else:
+            return annotation
+
+
+def _locate(root: Any, loc: Sequence[str | int]) -> tuple[Any, FieldInfo | None]:
+    """The dataclass that holds the field at ``loc`` and that field's FieldInfo (or None)."""
+    owner: Any = root
+    info: FieldInfo | None = None
+    for part in loc:
+        if info is not None:
+            inner = _unwrap(info.annotation)
+            info = None
+            if isinstance(part, int):  # an item of a tuple[X, ...] field
+                args = typing.get_args(inner)
+                owner = _unwrap(args[0]) if args else None
+                continue
+            owner = inner
+        elif isinstance(part, int):
+            return owner, None
+        fields = getattr(owner, "__pydantic_fields__", None)
+        if not fields or part not in fields:
+            return owner, None
+        info = fields[part]
+    return owner, info
+
+
+def _choices(info: FieldInfo | None) -> tuple[Any, ...]:
+    annotation = _unwrap(info.annotation) if info is not None else None
+    return typing.get_args(annotation) if typing.get_origin(annotation) is typing.Literal else ()
+
+
+def error_message(error: Mapping[str, Any], root: Any) -> str:
+    """One pydantic error (an item of ``ValidationError.errors()``) as ``path: message``.
+
+    Args:
+        error: the error dict (``type``, ``loc``, ``input``, ``ctx``, ``msg``).
+        root: the pydantic dataclass that was validated (to look fields up by path).
+    """
+    kind = error["type"]
+    loc = list(error["loc"])
+    value = error.get("input")
+    ctx = error.get("ctx") or {}
+    if kind == "value_error" and isinstance(ctx.get("error"), ManifestError):
+        return str(ctx["error"])  # raised with its full path
+    if kind == _CUSTOM:
+        loc += list(ctx.get("at", ()))
+        return f"{format_path(loc) or 'manifest'}: {ctx['message']}"
+    if "[key]" in loc:  # a mapping key that is not a string
+        loc = loc[: loc.index("[key]") - 1]
+        return f"{format_path(loc)}: keys must be strings, got {describe(value)}"
+    path = format_path(loc) or "manifest"
+    owner, info = _locate(root, loc)
+    if kind in ("missing", "missing_argument"):
+        message = "required field is missing"
+    elif kind in ("unexpected_keyword_argument", "extra_forbidden"):
+        known = list(getattr(owner, "__pydantic_fields__", {}))
+        key = str(loc[-1])
+        message = f"unknown key{suggest(key, known)}; known keys: {', '.join(known)}"
+    elif kind == "invalid_key":
+        path = format_path(loc[:-1]) or "manifest"
+        message = f"keys must be strings, got {describe(loc[-1])}"
+    elif kind in ("dataclass_type", "model_type", "dict_type", "model_attributes_type"):
+        message = f"expected a mapping, got {describe(value)}"
+    elif kind in ("list_type", "tuple_type"):
+        message = f"expected a list, got {describe(value)}"
+    elif kind in ("int_type", "int_parsing", "int_from_float"):
+        message = f"expected an integer, got {describe(value)}"
+    elif kind in ("float_type", "float_parsing"):
+        message = f"expected a number, got {describe(value)}"
+    elif kind == "finite_number":
+        message = f"{value} is not a finite number"
+    elif kind in ("bool_type", "bool_parsing"):
+        message = f"expected true or false, got {describe(value)}"
+    elif kind == "string_type":
+        message = f"expected a non-empty string, got {describe(value)}"
+    elif kind == "literal_error":
+        names = [str(c) for c in _choices(info)] or [str(ctx.get("expected", ""))]
+        if isinstance(value, str):
+            message = f"{value!r} is not one of {', '.join(names)}{suggest(value, names)}"
+        else:
+            message = f"expected one of {', '.join(names)}, got {describe(value)}"
+    elif kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        message = _range_message(value, _bounds(info) if info is not None else _Bounds())
+    else:
+        message = f"{error['msg']}, got {describe(value)}"
+    return f"{path}: {message}"
+
+
+def manifest_error(exc: ValidationError, root: Any) -> ManifestError:
+    """The first error of a pydantic ValidationError as a :class:`ManifestError`."""
+    errors = exc.errors(include_url=False)
+    return ManifestError(error_message(errors[0], root))
