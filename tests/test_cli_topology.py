@@ -201,7 +201,9 @@ def test_manifest_init_check_round_trip(tmp_path: Path, capsys: pytest.CaptureFi
 def test_manifest_init_stdout(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["manifest", "init", "--nodes", "4", "--graph", "exponential"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("# decentlam cluster manifest") and "graph: exponential" in out
+    modeline, header = out.splitlines()[:2]  # the first line is for editors (JSON Schema)
+    assert modeline.startswith("# yaml-language-server: $schema=")
+    assert header.startswith("# decentlam cluster manifest") and "graph: exponential" in out
 
 
 def test_manifest_check_example(capsys: pytest.CaptureFixture[str]) -> None:

@@ -43,12 +43,16 @@ logger = logging.getLogger(__name__)
 
 #: Draft of JSON Schema that :func:`manifest_json_schema` writes.
 JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
+#: The JSON Schema as shipped with the package (``decentlam manifest schema`` writes it; a test
+#: keeps it equal to :func:`manifest_json_schema`).
+SCHEMA_FILE = Path(__file__).resolve().parent / "manifest.schema.json"
 
 _ADAPTER: TypeAdapter[Manifest] = TypeAdapter(Manifest)
 
 __all__ = [
     "ALGORITHMS",
     "MANIFEST_VERSION",
+    "SCHEMA_FILE",
     "ExchangeSpec",
     "LrScheduleSpec",
     "Manifest",
@@ -186,10 +190,16 @@ _Dumper.add_representer(
 )
 
 
-def dump_manifest(manifest: Manifest) -> str:
+def dump_manifest(manifest: Manifest, schema_ref: str | None = None) -> str:
     """Serialise a manifest to YAML that :func:`load_manifest` reads back to an equal manifest.
 
     Peers, edges, matrix rows and milestones are written one per line, in flow style.
+
+    Args:
+        manifest: the manifest.
+        schema_ref: path or URL of the JSON Schema (:func:`manifest_json_schema`); when given,
+            the first line is ``# yaml-language-server: $schema=<schema_ref>``, which editors
+            (VS Code's YAML extension) use to validate and complete the file.
     """
     data = manifest.to_dict()
     data["peers"] = [_FlowMap(p) for p in data["peers"]]
@@ -199,7 +209,8 @@ def dump_manifest(manifest: Manifest) -> str:
             topology[key] = [_Flow(row) for row in topology[key]]
     schedule = data["training"]["lr_schedule"]
     schedule["milestones"] = _Flow(schedule["milestones"])
-    header = (
+    modeline = f"# yaml-language-server: $schema={schema_ref}\n" if schema_ref else ""
+    header = modeline + (
         f"# decentlam cluster manifest (schema version {MANIFEST_VERSION}).\n"
         "# Check it with: decentlam manifest check <this file>\n"
     )

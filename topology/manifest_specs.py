@@ -582,8 +582,8 @@ class Manifest:
     version: Annotated[Literal[1], Field(description="Manifest schema version.")] = MANIFEST_VERSION
     peers: Annotated[
         tuple[PeerSpec, ...],
-        BeforeValidator(_peer_list, json_schema_input_type=list[PeerSpec]),
-        Field(description="The peers; ranks 0..n-1.", min_length=1),
+        BeforeValidator(_peer_list),
+        Field(description="The peers; ranks 0..n-1.", json_schema_extra={"minItems": 1}),
     ]
     topology: Annotated[
         TopologySpec,

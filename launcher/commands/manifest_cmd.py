@@ -1,9 +1,10 @@
-"""``decentlam manifest init|check``: generate a valid cluster manifest, or validate one.
+"""``decentlam manifest init|check|schema``: generate, validate or describe cluster manifests.
 
 ``init`` writes a manifest for N peers (on loopback, or spread over ``--hosts``) with a
-chosen graph and training settings; ``check`` loads one, builds its topology and prints a
-summary (peers, graph, rho, digest). Invalid input exits with status 2 and a one-line
-``decentlam: error: <field path>: <problem>`` message.
+chosen graph and training settings, under a ``# yaml-language-server: $schema=...`` line for
+editors; ``check`` loads one, builds its topology and prints a summary (peers, graph, rho,
+digest); ``schema`` prints the JSON Schema of the manifest. Invalid input exits with status 2
+and a one-line ``decentlam: error: <field path>: <problem>`` message.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,11 +22,13 @@ from launcher.errors import UsageError
 from topology.graphs import GRAPH_NAMES
 from topology.manifest import (
     ALGORITHMS,
+    SCHEMA_FILE,
     Manifest,
     ManifestError,
     dump_manifest,
     init_manifest,
     load_manifest,
+    manifest_json_schema,
 )
 
 logger = logging.getLogger(__name__)
@@ -44,7 +48,7 @@ _TRAINING_FLAGS: tuple[tuple[str, type, str], ...] = (
 
 
 def register(subparsers: Any) -> None:
-    """Add ``manifest init`` and ``manifest check`` to the CLI."""
+    """Add ``manifest init``, ``manifest check`` and ``manifest schema`` to the CLI."""
     parser = subparsers.add_parser("manifest", help="create or validate cluster manifests")
     commands = parser.add_subparsers(dest="manifest_command", metavar="SUBCOMMAND")
     parser.set_defaults(func=lambda args: _usage(parser))
@@ -78,6 +82,12 @@ def register(subparsers: Any) -> None:
         init.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, help=text)
     init.add_argument("--output", "-o", default="-", help="output file (default: stdout)")
     init.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    init.add_argument(
+        "--schema",
+        metavar="PATH_OR_URL",
+        help="JSON Schema named on the first line for editors (default: the schema installed "
+        "with decentlam, relative to the output file); 'none' writes no such line",
+    )
     init.set_defaults(func=run_init)
 
     check = commands.add_parser(
@@ -92,6 +102,16 @@ def register(subparsers: Any) -> None:
     )
     check.add_argument("--json", action="store_true", help="print the summary as JSON")
     check.set_defaults(func=run_check)
+
+    schema = commands.add_parser(
+        "schema",
+        help="print the JSON Schema of manifests",
+        description="Print the JSON Schema of a manifest (types, ranges, defaults, choices), "
+        "for editors and other tools. Checks that span fields (ranks, addresses, topology) are "
+        "made by 'manifest check' only.",
+    )
+    schema.add_argument("--output", "-o", default="-", help="output file (default: stdout)")
+    schema.set_defaults(func=run_schema)
 
 
 def _usage(parser: argparse.ArgumentParser) -> int:
@@ -124,11 +144,11 @@ def run_init(args: argparse.Namespace) -> int:
         raise
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    text = dump_manifest(manifest)
-    if args.output == "-":
+    output = None if args.output == "-" else Path(args.output)
+    text = dump_manifest(manifest, schema_ref=_schema_ref(args.schema, output))
+    if output is None:
         sys.stdout.write(text)
         return 0
-    output = Path(args.output)
     if output.exists() and not args.force:
         raise UsageError(f"{output} already exists (use --force to overwrite)")
     try:
@@ -141,6 +161,36 @@ def run_init(args: argparse.Namespace) -> int:
         f"weights {topology.weights}, rho {topology.consensus_rate():.4f}, "
         f"algorithm {manifest.training.algorithm}"
     )
+    return 0
+
+
+def _schema_ref(choice: str | None, output: Path | None) -> str | None:
+    """What ``init`` names on its ``$schema`` line: ``--schema``, else the installed schema."""
+    if choice is not None:
+        return None if choice.lower() == "none" else choice
+    if output is None:
+        return str(SCHEMA_FILE)
+    directory = output.resolve().parent
+    if os.path.commonpath([directory, SCHEMA_FILE]) == directory.anchor:
+        return str(SCHEMA_FILE)  # nothing in common but the root: a relative path helps no one
+    return os.path.relpath(SCHEMA_FILE, directory)
+
+
+def render_schema() -> str:
+    """The JSON Schema as ``manifest schema`` prints it (and as the package ships it)."""
+    return json.dumps(manifest_json_schema(), indent=2) + "\n"
+
+
+def run_schema(args: argparse.Namespace) -> int:
+    """Handler of ``manifest schema``."""
+    text = render_schema()
+    if args.output == "-":
+        sys.stdout.write(text)
+        return 0
+    try:
+        Path(args.output).write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"cannot write {args.output}: {exc.strerror or exc}") from None
     return 0
 
 
