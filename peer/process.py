@@ -115,17 +115,9 @@ def check_identical_init(comm: Communicator, topology: Any, model: torch.nn.Modu
 def _exchange_config(manifest: Any, token: str | None) -> Any:
     from peer.transport.grpc.node import ExchangeConfig
 
-    spec = manifest.exchange
     tls = manifest.security.tls
-    return ExchangeConfig(
-        chunk_bytes=spec.chunk_bytes,
-        fetch_deadline_seconds=spec.fetch_deadline_seconds,
-        connect_deadline_seconds=spec.connect_deadline_seconds,
-        retry_backoff_seconds=spec.retry_backoff_seconds,
-        max_retries=spec.max_retries,
-        retained_versions=spec.retained_versions,
-        bandwidth_bytes_per_second=spec.bandwidth_bytes_per_second,
-        parallel_streams=spec.parallel_streams,
+    return ExchangeConfig.from_spec(
+        manifest.exchange,
         token=token,
         tls=None if tls is None else _tls_config(tls),
         manifest_digest=manifest.digest(),
@@ -138,6 +130,26 @@ def _tls_config(tls: Any) -> Any:
     return TlsConfig(
         cert_path=str(tls.cert), key_path=str(tls.key), ca_path=str(tls.ca), mutual=tls.mutual
     )
+
+
+def resolve_staleness(manifest: Any, override: int | None) -> int:
+    """The staleness bound a peer runs with: ``override`` (``--max-staleness``) if given, else
+    the manifest's (``training.max_staleness``, which ``exchange.max_staleness`` equals).
+
+    Raises:
+        PeerSetupError: the bound is negative, or neighbours would ask for versions that
+            ``exchange.retained_versions`` has already dropped.
+    """
+    staleness = manifest.training.max_staleness if override is None else override
+    retained = manifest.exchange.retained_versions
+    if staleness < 0:
+        raise PeerSetupError(f"max_staleness must be >= 0, got {staleness}")
+    if staleness >= retained:
+        raise PeerSetupError(
+            f"max_staleness {staleness} needs exchange.retained_versions > {staleness} in the "
+            f"manifest (it is {retained})"
+        )
+    return staleness
 
 
 def read_token(path: Path | None) -> str | None:
@@ -179,8 +191,7 @@ def run_peer(options: PeerOptions) -> TrainResult:
         raise PeerSetupError("give --rank, or --host and --port to find this peer's entry")
     rank, world_size = me.rank, manifest.world_size
     training = manifest.training
-    staleness = training.max_staleness if options.max_staleness is None else options.max_staleness
-    staleness = max(staleness, manifest.exchange.max_staleness)
+    staleness = resolve_staleness(manifest, options.max_staleness)
     if staleness > 0 and training.algorithm == "decentlam":
         logger.warning(
             "DecentLaM with max_staleness=%d is unstable in our measurements (stale positions "

@@ -210,7 +210,7 @@ MALFORMED = [
         both(setitem("training.max_staleness", 4), delitem("exchange.max_staleness")),
         "exchange.retained_versions: 4 must be > max_staleness (4)",
     ),
-    (setitem("exchange.chunk_bytes", 0), "exchange.chunk_bytes: 0 is out of range 1..67108864"),
+    (setitem("exchange.chunk_bytes", 0), "exchange.chunk_bytes: 0 is out of range 1..33554432"),
     (
         setitem("exchange.fetch_deadline_seconds", 0),
         "exchange.fetch_deadline_seconds: must be > 0, got 0",

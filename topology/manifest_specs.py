@@ -72,8 +72,9 @@ ALGORITHMS: tuple[str, ...] = typing.get_args(Algorithm)
 LR_SCHEDULES: tuple[str, ...] = typing.get_args(LrScheduleName)
 DTYPES: tuple[str, ...] = typing.get_args(Dtype)
 WEIGHTS: tuple[str, ...] = typing.get_args(Weights)
-#: Largest ``exchange.chunk_bytes``.
-MAX_CHUNK_BYTES = 64 << 20
+#: Largest ``exchange.chunk_bytes``: a chunk and its header must fit in one gRPC message, which
+#: the transport caps at twice this (``ExchangeConfig.max_message_bytes``).
+MAX_CHUNK_BYTES = 32 << 20
 
 _DEVICE = re.compile(r"^(cpu|auto|cuda(:\d+)?)$")
 # A builtin task name ("digits", "synthetic-image") or an import path "package.module:factory".
@@ -429,7 +430,13 @@ class TrainingSpec:
 
 @dataclass(frozen=True, config=_section_config())
 class ExchangeSpec:
-    """The ``exchange`` section: how peers move vectors (chunking, deadlines, retries)."""
+    """The ``exchange`` section: how peers move vectors (chunking, deadlines, retries).
+
+    The one definition (type, range, default) of each exchange setting: the gRPC transport's
+    :class:`~peer.transport.grpc.node.ExchangeConfig` is built from it (``from_spec``) and
+    takes its defaults and checks from here; ``bucket_bytes`` is the optimizer's bucket size
+    and ``max_staleness`` the training bound.
+    """
 
     chunk_bytes: Annotated[
         StrictInt, Field(ge=1, le=MAX_CHUNK_BYTES, description="Bytes per streamed chunk.")
@@ -438,12 +445,18 @@ class ExchangeSpec:
         Number, Field(gt=0.0, description="Deadline of one fetch of a neighbour's vector.")
     ] = 30.0
     connect_deadline_seconds: Annotated[
-        Number, Field(gt=0.0, description="How long to wait for neighbours at start-up.")
+        Number,
+        Field(
+            gt=0.0,
+            description="Waiting for neighbours at start-up, and deadline of local set-up steps.",
+        ),
     ] = 60.0
     retry_backoff_seconds: Annotated[
         Number, Field(ge=0.0, description="First back-off between retries (doubles).")
     ] = 0.05
-    max_retries: Annotated[_COUNT, Field(description="Retries of a failed fetch.")] = 5
+    max_retries: Annotated[
+        _COUNT, Field(description="Retries of a fetch after UNAVAILABLE (within its deadline).")
+    ] = 10
     max_staleness: Annotated[
         _COUNT, Field(description="Same as training.max_staleness (defaults to it).")
     ] = 0

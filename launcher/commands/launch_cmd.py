@@ -51,7 +51,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--lr", type=float, default=0.1, help="learning rate (default 0.1)")
     parser.add_argument("--momentum", type=float, default=0.9, help="momentum (default 0.9)")
     parser.add_argument("--weight-decay", type=float, default=0.0, help="weight decay")
-    parser.add_argument("--max-staleness", type=int, default=0, help="async bound T (default 0)")
+    parser.add_argument(
+        "--max-staleness",
+        type=int,
+        help="async bound T; overrides the manifest's (default: the manifest's, 0 if generated)",
+    )
     parser.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps")
     parser.add_argument("--checkpoint-every", type=int, default=0, help="checkpoint every N")
     parser.add_argument("--seed", type=int, default=0, help="seed (default 0)")
@@ -92,7 +96,7 @@ def write_loopback_manifest(args: argparse.Namespace, path: Path) -> Path:
         lr=args.lr,
         momentum=args.momentum,
         weight_decay=args.weight_decay,
-        max_staleness=args.max_staleness,
+        max_staleness=args.max_staleness or 0,
         eval_every=args.eval_every,
         checkpoint_every=args.checkpoint_every,
         seed=args.seed,
@@ -148,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
         peer_args.append("--blocking")
     if args.resume:
         peer_args.append("--resume")
-    if args.max_staleness and args.manifest is not None:
+    if args.max_staleness is not None and args.manifest is not None:
         peer_args += ["--max-staleness", str(args.max_staleness)]
     if manifest.training.algorithm == "pmsgd":
         host = manifest.peers[0].address.rsplit(":", 1)[0]

@@ -42,7 +42,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--blocking", action="store_true", help="no overlap of exchanges with backward"
     )
-    parser.add_argument("--max-staleness", type=int, help="override the manifest's bound")
+    parser.add_argument(
+        "--max-staleness", type=int, help="staleness bound T; overrides the manifest's bound"
+    )
     parser.add_argument("--bind", help="gRPC bind address (default: manifest host:port)")
     parser.add_argument("--dist-init-method", help="torch.distributed rendezvous for pmsgd")
     parser.add_argument(

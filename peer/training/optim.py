@@ -36,10 +36,12 @@ import torch
 from peer.algorithms.rules import UpdateRule, make_rule, uses_global_average
 from peer.errors import ExchangeError, ExchangeTimeout
 from peer.transport.base import Communicator, ExchangeStats, Handle
+from topology.manifest import ExchangeSpec
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_BUCKET_BYTES = 25 * 2**20
+# The manifest's exchange.bucket_bytes default: one definition for peers, simulator and tests.
+DEFAULT_BUCKET_BYTES = ExchangeSpec().bucket_bytes
 INTERRUPT_POLL_SECONDS = 0.2
 
 

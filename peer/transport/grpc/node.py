@@ -27,6 +27,7 @@ from peer.transport.grpc.server import PeerServicer, ServedPeer, create_server
 from peer.transport.grpc.store import VersionStore, byte_view
 from peer.transport.grpc.throttle import BandwidthLimiter
 from peer.transport.grpc.wire import dtype_name
+from topology.manifest import MAX_CHUNK_BYTES, ExchangeSpec, check_exchange
 
 logger = logging.getLogger(__name__)
 
@@ -40,9 +41,20 @@ def _software_version() -> str:
         return "unknown"
 
 
+#: The manifest's ``exchange`` section with every default: the one definition (type, range,
+#: default) of each setting below that a manifest can set.
+_SPEC = ExchangeSpec()
+#: Bytes a chunk message carries besides its payload (protobuf fields), at most.
+MESSAGE_OVERHEAD_BYTES = 64
+
+
 @dataclass(frozen=True)
 class ExchangeConfig:
     """Typed configuration of the exchange engine.
+
+    The settings a manifest can set take their defaults and ranges from
+    :class:`topology.manifest.ExchangeSpec` (build from a manifest with :meth:`from_spec`); the
+    rest are transport-internal.
 
     Attributes:
         chunk_bytes: payload bytes per chunk message (tuned with benchmarks/exchange.py).
@@ -58,33 +70,62 @@ class ExchangeConfig:
         max_message_bytes: largest gRPC message sent or received (must exceed chunk_bytes).
         manifest_digest: digest of the run manifest, reported by Info.
         close_grace_seconds: grace period for in-flight RPCs when closing.
+
+    Raises:
+        ValueError: (a :class:`~topology.manifest.ManifestError`) a setting outside the
+            manifest's range, or chunks that do not fit in ``max_message_bytes``.
     """
 
-    chunk_bytes: int = 1 * MIB
-    fetch_deadline_seconds: float = 30.0
-    connect_deadline_seconds: float = 10.0
-    retry_backoff_seconds: float = 0.05
-    max_retries: int = 10
-    retained_versions: int = 4
-    bandwidth_bytes_per_second: float | None = None
+    chunk_bytes: int = _SPEC.chunk_bytes
+    fetch_deadline_seconds: float = _SPEC.fetch_deadline_seconds
+    connect_deadline_seconds: float = _SPEC.connect_deadline_seconds
+    retry_backoff_seconds: float = _SPEC.retry_backoff_seconds
+    max_retries: int = _SPEC.max_retries
+    retained_versions: int = _SPEC.retained_versions
+    bandwidth_bytes_per_second: float | None = _SPEC.bandwidth_bytes_per_second
     # 1: on the 2-core reference machine parallel range streams did not beat one stream
     # (benchmarks/exchange.py); raise it where cores and NICs are plentiful.
-    parallel_streams: int = 1
+    parallel_streams: int = _SPEC.parallel_streams
     token: str | None = None
     tls: TlsConfig | None = None
-    max_message_bytes: int = 64 * MIB
+    max_message_bytes: int = 2 * MAX_CHUNK_BYTES
     manifest_digest: str = ""
     close_grace_seconds: float = 1.0
 
     def __post_init__(self) -> None:
-        if not 0 < self.chunk_bytes < self.max_message_bytes - 64:
+        settings = {name: getattr(self, name) for name in MANIFEST_SETTINGS}
+        bandwidth = settings["bandwidth_bytes_per_second"]
+        if isinstance(bandwidth, float) and bandwidth.is_integer():
+            settings["bandwidth_bytes_per_second"] = int(bandwidth)  # 20e6 from Python callers
+        check_exchange(**settings)
+        if self.chunk_bytes > self.max_message_bytes - MESSAGE_OVERHEAD_BYTES:
             raise ValueError(
-                f"chunk_bytes must be in (0, max_message_bytes - 64), got {self.chunk_bytes}"
+                f"chunk_bytes {self.chunk_bytes} does not fit in a message of "
+                f"max_message_bytes {self.max_message_bytes} (- {MESSAGE_OVERHEAD_BYTES})"
             )
-        if self.retained_versions < 1 or self.parallel_streams < 1 or self.max_retries < 0:
-            raise ValueError("retained_versions and parallel_streams must be >= 1, retries >= 0")
-        if self.fetch_deadline_seconds <= 0 or self.connect_deadline_seconds <= 0:
-            raise ValueError("deadlines must be positive")
+
+    @classmethod
+    def from_spec(cls, spec: ExchangeSpec, **transport: Any) -> ExchangeConfig:
+        """The config of a manifest's ``exchange`` section.
+
+        Args:
+            spec: the validated section.
+            **transport: transport-internal fields (``token``, ``tls``, ``manifest_digest``...).
+        """
+        return cls(**{name: getattr(spec, name) for name in MANIFEST_SETTINGS}, **transport)
+
+
+#: Fields of :class:`ExchangeConfig` that the manifest's ``exchange`` section sets.
+MANIFEST_SETTINGS: tuple[str, ...] = (
+    "chunk_bytes",
+    "fetch_deadline_seconds",
+    "connect_deadline_seconds",
+    "retry_backoff_seconds",
+    "max_retries",
+    "retained_versions",
+    "bandwidth_bytes_per_second",
+    "parallel_streams",
+)
 
 
 @dataclass

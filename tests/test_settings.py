@@ -1,0 +1,105 @@
+"""One source of truth for settings: the manifest schema defines each exchange setting once
+(type, range, default) and the transport, the optimizer and the peer take them from there."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from launcher.cli import main
+from peer.process import PeerSetupError, _exchange_config, resolve_staleness
+from peer.training.optim import DEFAULT_BUCKET_BYTES
+from peer.transport.grpc.node import MANIFEST_SETTINGS, ExchangeConfig
+from topology.manifest import (
+    MAX_CHUNK_BYTES,
+    ExchangeSpec,
+    ManifestError,
+    dump_manifest,
+    init_manifest,
+    parse_manifest,
+)
+
+
+def test_transport_defaults_are_the_schema_defaults() -> None:
+    spec, config = ExchangeSpec(), ExchangeConfig()
+    for name in MANIFEST_SETTINGS:
+        assert getattr(config, name) == getattr(spec, name), name
+    assert spec.bucket_bytes == DEFAULT_BUCKET_BYTES
+    # the disagreements this replaces: connect 60 s vs 10 s, retries 5 vs 10, 4 vs 25 MiB
+    assert config.connect_deadline_seconds == spec.connect_deadline_seconds == 60.0
+    assert config.max_retries == spec.max_retries == 10
+    assert DEFAULT_BUCKET_BYTES == 4 << 20
+    assert set(MANIFEST_SETTINGS) <= {f.name for f in dataclasses.fields(ExchangeSpec)}
+
+
+def test_every_manifest_setting_reaches_the_transport() -> None:
+    data = init_manifest(2, "ring").to_dict()
+    data["exchange"].update(
+        chunk_bytes=MAX_CHUNK_BYTES,  # the largest the schema allows must run
+        fetch_deadline_seconds=7.5,
+        connect_deadline_seconds=3.0,
+        retry_backoff_seconds=0.2,
+        max_retries=2,
+        retained_versions=6,
+        bandwidth_bytes_per_second=1000,
+        parallel_streams=3,
+    )
+    manifest = parse_manifest(data)
+    config = _exchange_config(manifest, token="t")
+    for name in MANIFEST_SETTINGS:
+        assert getattr(config, name) == getattr(manifest.exchange, name), name
+    assert config.token == "t" and config.manifest_digest == manifest.digest()
+    assert config.chunk_bytes + 64 <= config.max_message_bytes
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"chunk_bytes": 0}, "exchange.chunk_bytes: 0 is out of range 1..33554432"),
+        ({"max_retries": -1}, "exchange.max_retries: -1 is out of range (must be >= 0)"),
+        ({"fetch_deadline_seconds": 0.0}, "exchange.fetch_deadline_seconds: must be > 0, got 0.0"),
+        ({"parallel_streams": 0}, "exchange.parallel_streams: 0 is out of range (must be >= 1)"),
+    ],
+)
+def test_transport_checks_are_the_schema_checks(settings: dict, message: str) -> None:
+    with pytest.raises(ManifestError) as info:
+        ExchangeConfig(**settings)
+    assert str(info.value) == message
+
+
+def test_too_large_chunks_fail_manifest_check(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = init_manifest(2, "ring").to_dict()
+    data["exchange"]["chunk_bytes"] = 64 << 20  # passed `manifest check`, then crashed the peer
+    path = tmp_path / "m.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert main(["manifest", "check", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("exchange.chunk_bytes: 67108864 is out of range 1..33554432")
+    assert "\n" not in err and "Traceback" not in err
+
+
+def _with_staleness(bound: int, retained: int = 4) -> object:
+    manifest = init_manifest(2, "ring", max_staleness=bound)
+    exchange = dataclasses.replace(manifest.exchange, retained_versions=retained)
+    return parse_manifest(
+        {
+            **yaml.safe_load(dump_manifest(manifest)),
+            "exchange": exchange.to_dict(),
+        }
+    )
+
+
+def test_max_staleness_flag_overrides_the_manifest_both_ways() -> None:
+    manifest = _with_staleness(2)
+    assert resolve_staleness(manifest, None) == 2
+    assert resolve_staleness(manifest, 0) == 0  # lower: was max(0, 2) = 2
+    assert resolve_staleness(manifest, 3) == 3
+    with pytest.raises(PeerSetupError, match="retained_versions > 4 in the manifest"):
+        resolve_staleness(manifest, 4)
+    with pytest.raises(PeerSetupError, match="must be >= 0"):
+        resolve_staleness(manifest, -1)
