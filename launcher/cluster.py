@@ -44,12 +44,22 @@ def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
 
 @dataclass
 class PeerProgress:
-    """What one scrape of a peer's metrics endpoint said."""
+    """What one scrape of a peer's metrics endpoint said (NaN: not reported).
+
+    Attributes:
+        step: completed iterations.
+        loss: training loss of the last iteration (NaN before the first).
+        accuracy: latest evaluated accuracy (NaN before an evaluation, or without one).
+        latency_p50_seconds: median exchange latency so far.
+        blocked_share: share of training time spent blocked on exchanges so far.
+        reachable: whether the endpoint answered.
+    """
 
     step: float = math.nan
     loss: float = math.nan
     accuracy: float = math.nan
     latency_p50_seconds: float = math.nan
+    blocked_share: float = math.nan
     reachable: bool = False
 
 
@@ -72,11 +82,15 @@ def histogram_quantile(quantile: float, buckets: Sequence[tuple[float, float]]) 
 
 
 def parse_progress(text: str) -> PeerProgress:
-    """Extract step, loss, accuracy and exchange latency p50 from a metrics page."""
+    """Extract step, loss, accuracy, exchange latency p50 and blocked share from a metrics page.
+
+    The loss gauge reads 0 before the first iteration: it counts from step 1 on.
+    """
     from prometheus_client.parser import text_string_to_metric_families
 
     progress = PeerProgress(reachable=True)
     buckets: dict[float, float] = {}
+    blocked, iterating = math.nan, math.nan
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             if sample.name == "decentlam_step":
@@ -88,7 +102,15 @@ def parse_progress(text: str) -> PeerProgress:
             elif sample.name == "decentlam_exchange_latency_seconds_bucket":
                 bound = float(sample.labels["le"])
                 buckets[bound] = buckets.get(bound, 0.0) + sample.value
+            elif sample.name == "decentlam_exchange_blocked_seconds_total":
+                blocked = sample.value
+            elif sample.name == "decentlam_iteration_seconds_sum":
+                iterating = sample.value
     progress.latency_p50_seconds = histogram_quantile(0.5, list(buckets.items()))
+    if not progress.step > 0:
+        progress.loss = math.nan
+    if iterating > 0:
+        progress.blocked_share = min(1.0, blocked / iterating)
     return progress
 
 

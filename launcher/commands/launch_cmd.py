@@ -1,9 +1,11 @@
 """``decentlam launch``: a local cluster of real peer processes training together over gRPC.
 
 Writes a loopback manifest with free ports (or uses ``--manifest``), spawns one ``decentlam
-peer`` process per rank, shows one live progress line (step, loss, accuracy, exchange latency
-p50) read from the peers' metrics endpoints, forwards Ctrl-C as a graceful stop, and writes
-``OUT/summary.json``. If a peer dies, the others are stopped and its log tail is printed.
+peer`` process per rank, shows the live cluster view of :mod:`launcher.view` (one row per peer:
+step, loss, accuracy, exchange p50, blocked share, up/down, read from the peers' metrics
+endpoints; plain lines when stdout is not a terminal), forwards Ctrl-C as a graceful stop, and
+writes ``OUT/summary.json`` and its table. If a peer dies, the others are stopped and its log
+tail is printed.
 """
 
 from __future__ import annotations
@@ -12,15 +14,15 @@ import argparse
 import dataclasses
 import json
 import logging
-import math
 import signal
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from launcher.cluster import LocalCluster, PeerProgress, free_ports
+from launcher.cluster import LocalCluster, free_ports
 from launcher.errors import UsageError
+from launcher.view import ClusterView
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +66,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--blocking", action="store_true", help="turn overlap off")
     parser.add_argument("--resume", action="store_true", help="continue from checkpoints")
     parser.add_argument("--timeout", type=float, default=3600.0, help="give up after N seconds")
-    parser.add_argument("--quiet", action="store_true", help="no progress line")
+    parser.add_argument("--quiet", action="store_true", help="no progress view")
     parser.set_defaults(func=run)
 
 
@@ -112,27 +114,6 @@ def write_loopback_manifest(args: argparse.Namespace, path: Path) -> Path:
     return path
 
 
-def _format_progress(progress: dict[int, PeerProgress], steps: int, world: int) -> str:
-    def mean(values: list[float]) -> float:
-        finite = [v for v in values if not math.isnan(v)]
-        return sum(finite) / len(finite) if finite else math.nan
-
-    step = min((p.step for p in progress.values() if not math.isnan(p.step)), default=0)
-    loss = mean([p.loss for p in progress.values()])
-    acc = mean([p.accuracy for p in progress.values()])
-    p50 = mean([p.latency_p50_seconds for p in progress.values()])
-    width = 24
-    done = int(width * min(1.0, step / max(1, steps)))
-    bar = "#" * done + "-" * (width - done)
-    parts = [f"[{bar}] step {int(step)}/{steps}", f"loss {loss:.4f}"]
-    if not math.isnan(acc):
-        parts.append(f"acc {acc:.3f}")
-    if not math.isnan(p50):
-        parts.append(f"exchange p50 {p50 * 1e3:.1f} ms")
-    parts.append(f"{sum(p.reachable for p in progress.values())}/{world} peers up")
-    return " | ".join(parts)
-
-
 def run(args: argparse.Namespace) -> int:
     """Run the cluster to completion; returns the exit status."""
     from peer.training.trainer import summarize
@@ -166,12 +147,13 @@ def run(args: argparse.Namespace) -> int:
     for peer in cluster.peers:
         if peer.metrics_url:
             print(f"  peer {peer.rank}: metrics {peer.metrics_url}  log {peer.log_path}")
-    status = _watch(cluster, manifest.training.steps, args)
+    view = ClusterView(manifest.world_size, manifest.training.steps, quiet=args.quiet)
+    status = _watch(cluster, view, args)
     results = cluster.results()
     if results:
         summary = summarize(results)
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
-        _print_summary(summary, out)
+        view.print_summary(summary, out / "summary.json")
     return status
 
 
@@ -179,19 +161,18 @@ def _raise_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def _watch(cluster: LocalCluster, steps: int, args: argparse.Namespace) -> int:
+def _watch(cluster: LocalCluster, view: ClusterView, args: argparse.Namespace) -> int:
     # SIGTERM to the launcher (e.g. from a job scheduler) stops the peers like Ctrl-C does.
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        return _watch_loop(cluster, steps, args)
+        with view:
+            return _watch_loop(cluster, view, args)
     finally:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _watch_loop(cluster: LocalCluster, steps: int, args: argparse.Namespace) -> int:
+def _watch_loop(cluster: LocalCluster, view: ClusterView, args: argparse.Namespace) -> int:
     deadline = time.monotonic() + args.timeout
-    interactive = sys.stdout.isatty() and not args.quiet
-    last_print = 0.0
     try:
         while cluster.running():
             failed = cluster.failed()
@@ -209,15 +190,8 @@ def _watch_loop(cluster: LocalCluster, steps: int, args: argparse.Namespace) -> 
                 cluster.stop()
                 print(f"\ndecentlam: timed out after {args.timeout} s", file=sys.stderr)
                 return 1
-            now = time.monotonic()
-            if not args.quiet and (interactive or now - last_print > 10):
-                line = _format_progress(cluster.progress(), steps, len(cluster.peers))
-                print(
-                    ("\r" + line) if interactive else line,
-                    end="" if interactive else "\n",
-                    flush=True,
-                )
-                last_print = now
+            if not view.quiet:
+                view.update(cluster.progress())
             time.sleep(POLL_SECONDS)
     except KeyboardInterrupt:
         print("\ndecentlam: stopping peers (checkpointing)...", file=sys.stderr)
@@ -225,8 +199,6 @@ def _watch_loop(cluster: LocalCluster, steps: int, args: argparse.Namespace) -> 
         cluster.wait(60.0)
         cluster.stop(grace_seconds=5.0)
         return 130
-    if interactive:
-        print()
     failed = cluster.failed()
     if failed is not None:
         print(
@@ -237,20 +209,3 @@ def _watch_loop(cluster: LocalCluster, steps: int, args: argparse.Namespace) -> 
         print(cluster.log_tail(failed.rank), file=sys.stderr)
         return 1
     return 0
-
-
-def _print_summary(summary: dict[str, Any], out: Path) -> None:
-    print(
-        f"{'rank':>4} {'steps':>6} {'loss':>8} {'accuracy':>9} {'iter ms':>8} "
-        f"{'blocked ms':>10} {'consensus':>10}"
-    )
-    for rank, r in summary["peers"].items():
-        acc = r["eval"].get("accuracy", math.nan)
-        print(
-            f"{rank:>4} {r['steps']:>6} {r['final_loss']:>8.4f} {acc:>9.4f} "
-            f"{r['mean_iteration_seconds'] * 1e3:>8.2f} {r['mean_blocked_seconds'] * 1e3:>10.2f} "
-            f"{r['consensus_distance']:>10.3g}"
-        )
-    if summary.get("mean_accuracy") is not None:
-        print(f"mean test accuracy: {summary['mean_accuracy']:.4f}")
-    print(f"summary: {out / 'summary.json'}")
