@@ -112,7 +112,11 @@ class PeerSpec:
     """
 
     rank: Annotated[
-        StrictInt, Field(description="Position in the topology, 0..n-1 (default: list index).")
+        StrictInt,
+        Field(
+            description="Position in the topology, 0..n-1 (default: list index).",
+            json_schema_extra={"minimum": 0},
+        ),
     ]
     name: Annotated[NonEmptyStr, Field(description="Human-readable name (default peer<rank>).")]
     host: Annotated[
@@ -605,17 +609,17 @@ class Manifest:
     ]
     training: Annotated[
         TrainingSpec,
-        BeforeValidator(_empty_if_none, json_schema_input_type=TrainingSpec),
+        BeforeValidator(_empty_if_none, json_schema_input_type=TrainingSpec | None),
         Field(description="Training hyper-parameters."),
     ] = dataclasses.field(default_factory=TrainingSpec)
     exchange: Annotated[
         ExchangeSpec,
-        BeforeValidator(_empty_if_none, json_schema_input_type=ExchangeSpec),
+        BeforeValidator(_empty_if_none, json_schema_input_type=ExchangeSpec | None),
         Field(description="How peers exchange vectors."),
     ] = dataclasses.field(default_factory=ExchangeSpec)
     security: Annotated[
         SecuritySpec,
-        BeforeValidator(_empty_if_none, json_schema_input_type=SecuritySpec),
+        BeforeValidator(_empty_if_none, json_schema_input_type=SecuritySpec | None),
         Field(description="Shared token and TLS."),
     ] = dataclasses.field(default_factory=SecuritySpec)
     source: ClassVar[Path | None] = None
