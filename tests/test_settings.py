@@ -17,6 +17,10 @@ from topology.manifest import (
     MAX_CHUNK_BYTES,
     ExchangeSpec,
     ManifestError,
+    PeerSpec,
+    SecuritySpec,
+    TopologySpec,
+    TrainingSpec,
     dump_manifest,
     init_manifest,
     parse_manifest,
@@ -103,3 +107,47 @@ def test_max_staleness_flag_overrides_the_manifest_both_ways() -> None:
         resolve_staleness(manifest, 4)
     with pytest.raises(PeerSetupError, match="must be >= 0"):
         resolve_staleness(manifest, -1)
+
+
+def test_constructing_a_section_directly_raises_manifest_errors() -> None:
+    exchange = init_manifest(2, "ring").exchange
+    with pytest.raises(ManifestError) as info:
+        dataclasses.replace(exchange, chunk_bytes=64 << 20)
+    assert str(info.value) == "exchange.chunk_bytes: 67108864 is out of range 1..33554432"
+    with pytest.raises(ManifestError, match=r"^port: 0 is out of range 1\.\.65535$"):
+        PeerSpec(0, "peer0", "127.0.0.1", 0)
+
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+# Defaults the README states in words because they are derived from other fields.
+DERIVED = {"exchange.max_staleness", "topology.directed", "topology.time_varying"}
+
+
+def _readme_defaults() -> dict[str, str]:
+    """``{field path: default cell}`` of the README's manifest reference table."""
+    rows = {}
+    for line in README.read_text(encoding="utf-8").splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split(" | ")]
+        if len(cells) >= 3 and cells[0].strip("*").startswith("`"):
+            rows[cells[0].strip("*").strip("`")] = cells[2]
+    return rows
+
+
+def test_readme_reference_states_the_schema_defaults() -> None:
+    documented = _readme_defaults()
+    sections = {
+        "peers[]": PeerSpec,
+        "topology": TopologySpec,
+        "training": TrainingSpec,
+        "exchange": ExchangeSpec,
+        "security": SecuritySpec,
+    }
+    for prefix, section in sections.items():
+        for f in dataclasses.fields(section):
+            path = f"{prefix}.{f.name}"
+            assert path in documented, f"README manifest reference lacks {path}"
+            if path in DERIVED or f.default is dataclasses.MISSING:
+                continue  # required, derived, injected (rank, name, host) or a mapping
+            cell = documented[path].replace("`", "")
+            stated = None if cell == "—" else yaml.safe_load(cell)  # "—": not set
+            assert stated == f.default, f"{path}: README {cell!r}, {f.default!r}"

@@ -38,7 +38,7 @@ from topology.manifest_specs import (
     TrainingSpec,
     build_topology_from_spec,
 )
-from topology.schema import ManifestError, check_range, describe, error_message, manifest_error
+from topology.schema import ManifestError, check_range, describe, manifest_error
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +65,6 @@ __all__ = [
     "TopologySpec",
     "TrainingSpec",
     "build_topology_from_spec",
-    "check_exchange",
     "dump_manifest",
     "init_manifest",
     "load_manifest",
@@ -98,30 +97,6 @@ def parse_manifest(
         )
     except ValidationError as exc:
         raise manifest_error(exc, Manifest) from None
-
-
-_EXCHANGE_ADAPTER: TypeAdapter[ExchangeSpec] = TypeAdapter(ExchangeSpec)
-
-
-def check_exchange(**settings: Any) -> ExchangeSpec:
-    """Validate ``exchange`` settings given in code with the manifest's types and ranges.
-
-    Args:
-        **settings: fields of the ``exchange`` section; the others take their defaults.
-
-    Returns:
-        The section.
-
-    Raises:
-        ManifestError: e.g. ``exchange.chunk_bytes: 0 is out of range 1..33554432``.
-    """
-    try:
-        return _EXCHANGE_ADAPTER.validate_python(settings)
-    except ValidationError as exc:
-        error = exc.errors(include_url=False)[0]
-        raise ManifestError(
-            error_message({**error, "loc": ("exchange", *error["loc"])}, Manifest)
-        ) from None
 
 
 def manifest_json_schema() -> dict[str, Any]:

@@ -54,6 +54,7 @@ from topology.schema import (
     describe,
     fail,
     join_path,
+    raise_manifest_errors,
 )
 from topology.topology import Topology
 
@@ -98,6 +99,7 @@ def _empty_if_none(value: Any) -> Any:
     return {} if value is None else value
 
 
+@raise_manifest_errors()
 @dataclass(frozen=True, config=_section_config(required=("port",)))
 class PeerSpec:
     """One peer: where it listens and what it runs on.
@@ -224,6 +226,7 @@ def _symmetry_policy(value: Any) -> Any:
     fail(f"expected 'warn', 'error' or false, got {describe(value)}")
 
 
+@raise_manifest_errors("topology", root=lambda: Manifest)
 @dataclass(frozen=True, config=_section_config())
 class TopologySpec:
     """The ``topology`` section: graph, weights and symmetry policy.
@@ -312,6 +315,7 @@ class TopologySpec:
         return data
 
 
+@raise_manifest_errors("training", "lr_schedule", root=lambda: Manifest)
 @dataclass(frozen=True, config=_section_config())
 class LrScheduleSpec:
     """``training.lr_schedule``: how the learning rate changes with the step.
@@ -374,6 +378,7 @@ def _task_name(task: str) -> str:
     return task
 
 
+@raise_manifest_errors("training", root=lambda: Manifest)
 @dataclass(frozen=True, config=_section_config())
 class TrainingSpec:
     """The ``training`` section (see the README's manifest reference for every field)."""
@@ -432,6 +437,7 @@ class TrainingSpec:
         return data
 
 
+@raise_manifest_errors("exchange", root=lambda: Manifest)
 @dataclass(frozen=True, config=_section_config())
 class ExchangeSpec:
     """The ``exchange`` section: how peers move vectors (chunking, deadlines, retries).
@@ -502,6 +508,7 @@ def _file(value: Any, info: ValidationInfo) -> Path | None:
 _File = Annotated[Path, BeforeValidator(_file)]
 
 
+@raise_manifest_errors("security", "tls", root=lambda: Manifest)
 @dataclass(frozen=True, config=_section_config())
 class TlsSpec:
     """``security.tls``: PEM files (resolved paths) and whether clients must present a cert."""
@@ -521,6 +528,7 @@ class TlsSpec:
         }
 
 
+@raise_manifest_errors("security", root=lambda: Manifest)
 @dataclass(frozen=True, config=_section_config())
 class SecuritySpec:
     """The ``security`` section: shared-token file and TLS, both optional."""
@@ -585,6 +593,7 @@ def _check_peers(peers: tuple[PeerSpec, ...]) -> tuple[PeerSpec, ...]:
 _MANIFEST_REQUIRED = ("version", "peers", "topology")
 
 
+@raise_manifest_errors()
 @dataclass(frozen=True, kw_only=True, config=_section_config(required=_MANIFEST_REQUIRED))
 class Manifest:
     """A validated cluster manifest (``version: 1``).

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import logging
 import types
 import typing
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Annotated, Any, NoReturn
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Annotated, Any, NoReturn, TypeVar
 
 import annotated_types
 from pydantic import AfterValidator, AllowInfNan, Field, Strict, ValidationError
@@ -29,6 +30,7 @@ from pydantic_core import PydanticCustomError
 logger = logging.getLogger(__name__)
 
 _CUSTOM = "manifest"
+_T = TypeVar("_T")
 
 
 class ManifestError(ValueError):
@@ -260,14 +262,57 @@ def error_message(error: Mapping[str, Any], root: Any) -> str:
             message = f"{value!r} is not one of {', '.join(names)}{suggest(value, names)}"
         else:
             message = f"expected one of {', '.join(names)}, got {describe(value)}"
-    elif kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
-        message = _range_message(value, _bounds(info) if info is not None else _Bounds())
+    elif kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal") and (
+        info is not None
+    ):
+        message = _range_message(value, _bounds(info))
     else:
         message = f"{error['msg']}, got {describe(value)}"
     return f"{path}: {message}"
 
 
-def manifest_error(exc: ValidationError, root: Any) -> ManifestError:
-    """The first error of a pydantic ValidationError as a :class:`ManifestError`."""
-    errors = exc.errors(include_url=False)
-    return ManifestError(error_message(errors[0], root))
+def manifest_error(
+    exc: ValidationError, root: Any, prefix: Sequence[str | int] = ()
+) -> ManifestError:
+    """The first error of a pydantic ValidationError as a :class:`ManifestError`.
+
+    Args:
+        exc: the error.
+        root: the dataclass its ``loc`` paths start from (after ``prefix``).
+        prefix: path of that dataclass in the manifest (``("exchange",)``).
+    """
+    error = exc.errors(include_url=False)[0]
+    loc = list(error["loc"])
+    owner, _ = _locate(root, prefix)
+    names = list(getattr(owner, "__pydantic_fields__", {}))
+    if loc and isinstance(loc[0], int) and loc[0] < len(names):
+        loc[0] = names[loc[0]]  # a positional constructor argument
+    return ManifestError(error_message({**error, "loc": (*prefix, *loc)}, root))
+
+
+def raise_manifest_errors(
+    *prefix: str, root: Callable[[], Any] | None = None
+) -> Callable[[_T], _T]:
+    """Class decorator: constructing the pydantic dataclass directly (``ExchangeSpec(...)``,
+    ``dataclasses.replace``) raises :class:`ManifestError` too, not pydantic's error.
+
+    Args:
+        *prefix: the section's path in the manifest, e.g. ``"training", "lr_schedule"``.
+        root: returns the dataclass that ``prefix`` starts from (the manifest's); default:
+            the decorated class, with no prefix.
+    """
+
+    def decorate(cls: _T) -> _T:
+        init = cls.__init__  # type: ignore[misc]
+
+        @functools.wraps(init)
+        def __init__(self: Any, *args: Any, **kwargs: Any) -> None:  # noqa: N807
+            try:
+                init(self, *args, **kwargs)
+            except ValidationError as exc:
+                raise manifest_error(exc, cls if root is None else root(), prefix) from None
+
+        cls.__init__ = __init__  # type: ignore[misc]
+        return cls
+
+    return decorate

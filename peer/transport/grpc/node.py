@@ -27,7 +27,7 @@ from peer.transport.grpc.server import PeerServicer, ServedPeer, create_server
 from peer.transport.grpc.store import VersionStore, byte_view
 from peer.transport.grpc.throttle import BandwidthLimiter
 from peer.transport.grpc.wire import dtype_name
-from topology.manifest import MAX_CHUNK_BYTES, ExchangeSpec, check_exchange
+from topology.manifest import MAX_CHUNK_BYTES, ExchangeSpec
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ class ExchangeConfig:
         bandwidth = settings["bandwidth_bytes_per_second"]
         if isinstance(bandwidth, float) and bandwidth.is_integer():
             settings["bandwidth_bytes_per_second"] = int(bandwidth)  # 20e6 from Python callers
-        check_exchange(**settings)
+        ExchangeSpec(**settings)  # the manifest's checks: ManifestError naming the field
         if self.chunk_bytes > self.max_message_bytes - MESSAGE_OVERHEAD_BYTES:
             raise ValueError(
                 f"chunk_bytes {self.chunk_bytes} does not fit in a message of "
