@@ -43,6 +43,14 @@ def test_every_shipped_manifest_validates(schema: dict[str, Any], path: Path) ->
     load_manifest(path, check_files=False)  # and the full check agrees
 
 
+@pytest.mark.parametrize("path", sorted((ROOT / "examples").glob("*.yaml")), ids=lambda p: p.name)
+def test_examples_name_the_shipped_schema(path: Path) -> None:
+    first = path.read_text(encoding="utf-8").splitlines()[0]
+    prefix = "# yaml-language-server: $schema="
+    assert first.startswith(prefix)
+    assert (path.parent / first[len(prefix) :]).resolve() == SCHEMA_FILE
+
+
 def test_generated_manifest_validates(schema: dict[str, Any]) -> None:
     data = init_manifest(8, "grid", graph_params={"rows": 2}, lr_schedule="cosine").to_dict()
     jsonschema.validate(data, schema, cls=jsonschema.Draft202012Validator)

@@ -1,7 +1,9 @@
 """Pure topology code: graphs, mixing weights, spectral gap, manifest schema and validation.
 
-Everything here is numpy-only math except :mod:`topology.manifest`, which reads and writes
-YAML manifests. The names most code needs are re-exported here::
+Everything here is numpy-only math except the manifest: :mod:`topology.schema` and
+:mod:`topology.manifest_specs` define its schema on pydantic (one definition, range and default
+per setting), and :mod:`topology.manifest` reads and writes the YAML files. The names most
+code needs are re-exported here::
 
     from topology import make_topology
     topo = make_topology("exponential", 8)          # weights "auto" -> metropolis

@@ -10,6 +10,12 @@ which builds the :class:`~topology.topology.Topology` once and keeps it.
 Validation reads one way: field types (:mod:`topology.schema`) -> sections -> manifest ->
 topology (:mod:`topology.graphs`, :mod:`topology.topology`). Reading files and YAML is
 :mod:`topology.manifest`'s job; import the names below from there.
+
+A new setting is one field of its section: ``name: Annotated[StrictInt, Field(ge=..., le=...,
+description=...)] = default`` (:data:`~topology.schema.Number` for reals, a ``Literal`` for
+choices). Its errors, its JSON Schema entry and its default then follow; regenerate the shipped
+schema (``decentlam manifest schema -o topology/manifest.schema.json``) and add its row to the
+README's manifest reference (tests check both).
 """
 
 from __future__ import annotations
