@@ -69,7 +69,8 @@ class ExchangeStats:
     """What one completed exchange observed (filled in by the transport).
 
     Attributes:
-        wait_seconds: time the caller spent blocked inside :meth:`Handle.wait`.
+        wait_seconds: total time callers spent blocked in :meth:`Handle.wait` and
+            :meth:`Handle.wait_done` (every slice of an interruptible wait).
         latency_seconds: per neighbour, time from start to the vector being available.
         used_steps: per neighbour, the step of the version actually mixed (staleness = step -
             used_step).
@@ -83,13 +84,33 @@ class ExchangeStats:
 
 
 class Handle(abc.ABC):
-    """A nonblocking exchange in flight. Thread-safe; ``wait`` may be called more than once."""
+    """A nonblocking exchange in flight. Thread-safe; ``wait`` may be called more than once.
+
+    An exchange is *in flight* until it has *finished*, either with the mixed vector or with
+    its own error (a neighbour missed the exchange's deadline, a step was evicted, ...).
+    :meth:`wait_done` tells the two apart from "not finished yet" without raising, so a caller
+    can wait in short slices (to notice a stop request) without spinning on a failed exchange;
+    :meth:`wait` then returns the vector or raises the exchange's own error. Every second a
+    caller spends blocked in either method is added to ``stats.wait_seconds``.
+    """
 
     stats: ExchangeStats
 
     @abc.abstractmethod
     def done(self) -> bool:
-        """True once :meth:`wait` would return (or raise) without blocking."""
+        """True once the exchange has finished (:meth:`wait` returns or raises at once)."""
+
+    @abc.abstractmethod
+    def wait_done(self, timeout: float) -> bool:
+        """Block until the exchange has finished, at most ``timeout`` seconds.
+
+        Args:
+            timeout: seconds to block at most (``0`` only looks).
+
+        Returns:
+            ``True`` once it has finished (with a result or with an error), ``False`` while it
+            is still in flight. Never raises an exchange error.
+        """
 
     @abc.abstractmethod
     def wait(self, timeout: float | None = None) -> torch.Tensor:
@@ -102,8 +123,10 @@ class Handle(abc.ABC):
             The weighted average, with the shape, dtype and device of the published tensor.
 
         Raises:
-            peer.errors.ExchangeError: a neighbour's vector could not be obtained in time
-                (the subclass says why).
+            peer.errors.ExchangeError: the exchange failed (its own error, e.g.
+                :class:`~peer.errors.ExchangeTimeout` naming the neighbour that missed the
+                exchange's deadline), or :class:`~peer.errors.ExchangeTimeout` when it is
+                still in flight after ``timeout`` seconds.
         """
 
 
@@ -115,6 +138,9 @@ class CompletedHandle(Handle):
         self.stats = ExchangeStats()
 
     def done(self) -> bool:
+        return True
+
+    def wait_done(self, timeout: float) -> bool:
         return True
 
     def wait(self, timeout: float | None = None) -> torch.Tensor:
