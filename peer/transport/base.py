@@ -31,11 +31,13 @@ from __future__ import annotations
 
 import abc
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from peer.errors import StepEvicted
 
 logger = logging.getLogger(__name__)
 
@@ -285,6 +287,51 @@ def resolve_weights(
     view = topology.view(rank, step)
     weight = float(view.self_weight) if self_weight is None else float(self_weight)
     return weight, {int(j): float(w) for j, w in sorted(view.in_neighbors.items())}
+
+
+def choose_step(
+    retained_steps: Sequence[int],
+    step: int,
+    min_step: int,
+    *,
+    name: str,
+    neighbor: int | None = None,
+) -> int | None:
+    """Which retained version answers a request for ``step`` (shared by every transport).
+
+    The exact step is preferred, else the freshest retained step in ``[min_step, step]``.
+
+    Args:
+        retained_steps: the retained steps of ``name``, oldest first.
+        step: newest acceptable step.
+        min_step: oldest acceptable step (``step - max_staleness``).
+        name: vector name (for the error).
+        neighbor: the peer that retains them (for the error), if known.
+
+    Returns:
+        The chosen step, or ``None`` when none is acceptable yet (wait for a publish).
+
+    Raises:
+        StepEvicted: ``step`` is older than the oldest retained step: it will never come.
+    """
+    if not retained_steps:
+        return None
+    if step in retained_steps:
+        return step
+    acceptable = [s for s in retained_steps if min_step <= s <= step]
+    if acceptable:
+        return max(acceptable)
+    oldest = retained_steps[0]
+    if oldest > step:
+        owner = "" if neighbor is None else f"peer {neighbor}: "
+        raise StepEvicted(
+            f"{owner}{name!r} step {step} is no longer retained (oldest retained: {oldest})",
+            neighbor=neighbor,
+            name=name,
+            step=step,
+            oldest_step=oldest,
+        )
+    return None
 
 
 def damp_stale_weights(

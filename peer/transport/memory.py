@@ -25,6 +25,7 @@ from peer.transport.base import (
     CompletedHandle,
     ExchangeStats,
     Handle,
+    choose_step,
     damp_stale_weights,
     weighted_sum,
 )
@@ -41,7 +42,6 @@ class _Board:
         self.cond = threading.Condition()
         # (rank, name) -> OrderedDict[step, tensor], oldest first
         self.versions: dict[tuple[int, str], OrderedDict[int, torch.Tensor]] = {}
-        self.publish_times: dict[tuple[int, str, int], float] = {}
 
     def publish(
         self, rank: int, name: str, step: int, tensor: torch.Tensor, *, copy: bool = True
@@ -51,35 +51,20 @@ class _Board:
             retained = self.versions.setdefault((rank, name), OrderedDict())
             retained[step] = snapshot
             retained.move_to_end(step)
-            self.publish_times[(rank, name, step)] = time.monotonic()
             while len(retained) > self.retained_versions:
-                old_step, _ = retained.popitem(last=False)
-                self.publish_times.pop((rank, name, old_step), None)
+                retained.popitem(last=False)
             self.cond.notify_all()
 
     def lookup(
         self, src: int, name: str, step: int, max_staleness: int
     ) -> tuple[int, torch.Tensor] | None:
-        """Freshest acceptable version (exact step preferred); caller holds ``cond``."""
+        """Freshest acceptable version (:func:`~peer.transport.base.choose_step`); caller holds
+        ``cond``."""
         retained = self.versions.get((src, name))
         if not retained:
             return None
-        if step in retained:
-            return step, retained[step]
-        acceptable = [s for s in retained if step - max_staleness <= s <= step]
-        if acceptable:
-            best = max(acceptable)
-            return best, retained[best]
-        oldest = next(iter(retained))
-        if oldest > step:
-            raise StepEvicted(
-                f"peer {src} no longer retains {name!r} step {step} (oldest retained: {oldest})",
-                neighbor=src,
-                name=name,
-                step=step,
-                oldest_step=oldest,
-            )
-        return None
+        chosen = choose_step(list(retained), step, step - max_staleness, name=name, neighbor=src)
+        return None if chosen is None else (chosen, retained[chosen])
 
 
 class _InMemoryHandle(Handle):
