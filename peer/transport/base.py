@@ -31,9 +31,9 @@ from __future__ import annotations
 
 import abc
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Protocol
 
 import torch
 
@@ -64,6 +64,58 @@ LATENCY_BUCKETS_SECONDS: tuple[float, ...] = (
     30.0,
     60.0,
 )
+
+
+class PeerViewLike(Protocol):
+    """One peer's mixing step at one iteration (``topology.PeerView`` or a test double)."""
+
+    @property
+    def self_weight(self) -> float:
+        """``w_ii``."""
+
+    @property
+    def in_neighbors(self) -> Mapping[int, float]:
+        """``{j: w_ij}``: the peers this one mixes from."""
+
+    @property
+    def out_neighbors(self) -> Collection[int]:
+        """The peers that mix this one's vector."""
+
+
+class TopologyLike(Protocol):
+    """What the transports and the peer process read of a topology (``topology.Topology``)."""
+
+    @property
+    def period(self) -> int:
+        """Iterations before the views repeat (1 when static)."""
+
+    def view(self, rank: int, k: int) -> PeerViewLike:
+        """Peer ``rank``'s view of the mixing step at iteration ``k``."""
+
+
+def neighbors_over_period(
+    topology: TopologyLike, rank: int, *, incoming: bool = True, outgoing: bool = False
+) -> set[int]:
+    """Every in-neighbour (and/or out-neighbour) of ``rank`` over one period of the topology.
+
+    Args:
+        topology: the topology.
+        rank: the peer.
+        incoming: include the peers ``rank`` mixes from.
+        outgoing: include the peers that mix ``rank``'s vector.
+
+    Returns:
+        The neighbours' ranks (never ``rank`` itself).
+    """
+    found: set[int] = set()
+    for k in range(max(1, topology.period)):
+        view = topology.view(rank, k)
+        if incoming:
+            found.update(int(j) for j in view.in_neighbors)
+        if outgoing:
+            found.update(int(j) for j in view.out_neighbors)
+    found.discard(rank)
+    return found
 
 
 @dataclass
@@ -259,7 +311,7 @@ class Communicator(abc.ABC):
 
 
 def resolve_weights(
-    topology: Any,
+    topology: TopologyLike | None,
     rank: int,
     step: int,
     self_weight: float | None,

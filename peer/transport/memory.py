@@ -13,7 +13,6 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from typing import Any
 
 import torch
 
@@ -25,6 +24,7 @@ from peer.transport.base import (
     CompletedHandle,
     ExchangeStats,
     Handle,
+    TopologyLike,
     choose_step,
     damp_stale_weights,
     weighted_sum,
@@ -205,7 +205,7 @@ class InMemoryFabric:
     def __init__(
         self,
         world_size: int,
-        topology: Any = None,
+        topology: TopologyLike | None = None,
         *,
         retained_versions: int = DEFAULT_RETAINED_VERSIONS,
         deadline_seconds: float = DEFAULT_DEADLINE_SECONDS,

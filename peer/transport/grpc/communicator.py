@@ -27,7 +27,6 @@ import logging
 import threading
 import time
 from collections.abc import Mapping
-from typing import Any
 
 import torch
 from prometheus_client import CollectorRegistry
@@ -38,6 +37,7 @@ from peer.transport.base import (
     CompletedHandle,
     ExchangeStats,
     Handle,
+    TopologyLike,
     damp_stale_weights,
     weighted_sum,
 )
@@ -148,7 +148,7 @@ class GrpcCommunicator(Communicator):
         self,
         rank: int,
         world_size: int,
-        topology: Any,
+        topology: TopologyLike | None,
         config: ExchangeConfig,
         loop_thread: LoopThread,
         node: PeerNode,
@@ -169,7 +169,7 @@ class GrpcCommunicator(Communicator):
         rank: int,
         peers: Mapping[int, str],
         *,
-        topology: Any = None,
+        topology: TopologyLike | None = None,
         config: ExchangeConfig | None = None,
         bind: str = "127.0.0.1:0",
         world_size: int | None = None,

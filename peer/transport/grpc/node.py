@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from peer.errors import PeerUnavailable
+from peer.transport.base import TopologyLike
 from peer.transport.grpc.client import PeerClient
 from peer.transport.grpc.metrics import ExchangeMetrics
 from peer.transport.grpc.security import ReadPolicy, TlsConfig
@@ -154,7 +155,7 @@ class PeerNode:
         cls,
         rank: int,
         world_size: int,
-        topology: Any,
+        topology: TopologyLike | None,
         config: ExchangeConfig,
         bind: str,
         metrics: ExchangeMetrics,
