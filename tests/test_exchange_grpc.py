@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 
 import pytest
@@ -150,3 +152,29 @@ def test_cuda_tensor_exchange(grpc_peers: GrpcPeers) -> None:
     results = [h.wait(10) for h in handles]
     assert all(r.is_cuda for r in results)
     assert torch.equal(results[0], results[1])
+
+
+def test_close_shuts_grpc_aio_down_while_its_loop_runs() -> None:
+    """After close() no grpc.aio server or channel is left alive: the core's poller thread is
+    gone before interpreter exit (freed at exit, after the loop stopped, they can hang the
+    process, grpc/grpc#40447), and the process exits normally."""
+    script = """
+import threading, torch
+from peer.transport.grpc.communicator import GrpcCommunicator
+from tests.conftest import ShiftTopology
+topology = ShiftTopology(2)
+a = GrpcCommunicator.start(0, {}, world_size=2, topology=topology)
+b = GrpcCommunicator.start(1, {0: a.address}, world_size=2, topology=topology)
+a.update_peers({1: b.address})
+for step in range(3):
+    handles = [c.neighbor_average_async("p", torch.ones(10), step) for c in (a, b)]
+    [h.wait(10) for h in handles]
+a.close()
+b.close()
+print(sorted(t.name for t in threading.enumerate() if t is not threading.main_thread()))
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]", f"threads left after close: {done.stdout}"

@@ -10,6 +10,7 @@ training loop uses is :class:`peer.transport.grpc.communicator.GrpcCommunicator`
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from collections.abc import Mapping
@@ -264,9 +265,19 @@ class PeerNode:
                 task.cancel()
 
     async def close(self) -> None:
-        """Stop the server (with grace) and close every channel."""
-        if self.server is not None:
-            await self.server.stop(self.config.close_grace_seconds)
-        for client in self.clients.values():
-            await client.close()
+        """Stop the server (with grace), close every channel and release them, on the loop.
+
+        Releasing matters: grpc.aio shuts its core down (joining its poller thread) when the
+        last server or channel object is freed. Freed here, that happens while this loop still
+        runs; left to interpreter exit, it happens after the loop is gone, which can hang the
+        process (grpc/grpc#40447).
+        """
+        server, self.server = self.server, None
+        if server is not None:
+            await server.stop(self.config.close_grace_seconds)
+        clients = list(self.clients.values())
         self.clients.clear()
+        for client in clients:
+            await client.close()
+        del server, clients
+        gc.collect()  # grpc.aio objects sit in reference cycles: free them now, on the loop
