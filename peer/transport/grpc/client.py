@@ -197,9 +197,9 @@ class PeerClient:
         try:
             async for message in call:
                 assembler.feed(message)
-                if header_seen is not None and not header_seen.done():
-                    assert assembler.header is not None  # feed() requires the header first
-                    header_seen.set_result(assembler.header.step)
+                header = assembler.header  # feed() accepts chunks only after the header
+                if header_seen is not None and header is not None and not header_seen.done():
+                    header_seen.set_result(header.step)
             assembler.finish()
         finally:
             if not call.done():
@@ -270,7 +270,8 @@ class PeerClient:
                 task.cancel()
         verify_checksum(assemblers, name)
         header = first.header
-        assert header is not None
+        if header is None:  # finish() refuses a stream without a header: cannot happen
+            raise WireError(f"no header in the {name!r} stream from peer {self.neighbor}")
         return header.step, sum(a.received_chunks for a in assemblers)
 
     async def fetch_into(

@@ -141,6 +141,7 @@ class PeerServicer:
             query = query_from_pb(request)
         except WireError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            return  # abort raises; the return says so to readers and type checkers
         if (
             caller is None
             or query.caller_rank != caller
@@ -150,6 +151,7 @@ class PeerServicer:
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"peer {caller} may not read {query.name!r} from peer {peer.rank}",
             )
+            return
         remaining = context.time_remaining()
         wait_seconds = peer.default_wait_seconds if remaining is None else remaining
         try:
@@ -159,12 +161,14 @@ class PeerServicer:
         except StepEvicted as exc:
             context.set_trailing_metadata(((OLDEST_STEP_KEY, str(exc.oldest_step)),))
             await context.abort(grpc.StatusCode.OUT_OF_RANGE, f"peer {peer.rank}: {exc}")
+            return
         except TimeoutError:
             await context.abort(
                 grpc.StatusCode.DEADLINE_EXCEEDED,
                 f"peer {peer.rank} published no {query.name!r} in steps "
                 f"[{query.min_step}, {query.step}] within {wait_seconds:.3g} s",
             )
+            return
         total = version.total_bytes
         offset = query.range_offset
         length = query.range_length or max(0, total - offset)
@@ -173,6 +177,7 @@ class PeerServicer:
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"range {offset}+{length} outside the {total}-byte payload of {query.name!r}",
             )
+            return
         chunk_bytes = self._chunk_bytes(query.max_chunk_bytes)
         await version.wait_ready()
         header = VersionHeader(
@@ -195,7 +200,6 @@ class PeerServicer:
             if limiter is not None:
                 await limiter.acquire(len(piece))
             yield encode_chunk(piece)
-        assert caller is not None  # rejected above otherwise
         peer.metrics.served(caller, length, header.chunk_count)
         peer.metrics.handled("Fetch", time.perf_counter() - started)
 
@@ -230,7 +234,7 @@ class PeerServicer:
                 f"peer {peer.rank} has no state provider registered "
                 "(the training loop must call set_state_provider first)",
             )
-        assert provider is not None  # context.abort raised otherwise
+            return
         step, state = await asyncio.to_thread(provider)
         is_blob, entries, payload = await asyncio.to_thread(pack_state, state)
         chunk_bytes = self._chunk_bytes(request.max_chunk_bytes)
