@@ -178,3 +178,29 @@ print(sorted(t.name for t in threading.enumerate() if t is not threading.main_th
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]", f"threads left after close: {done.stdout}"
+
+
+def test_rpc_table_matches_the_generated_stub() -> None:
+    """Server and client read one table (from the service descriptor); it lists exactly the
+    methods, paths and kinds the generated ``PeerStub`` declares."""
+    from peer.transport.grpc.proto.decentlam.v1 import peer_pb2_grpc
+    from peer.transport.grpc.service import RPCS, client_callables
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.calls: dict[str, tuple[str, object]] = {}
+
+        def unary_stream(self, path: str, request_serializer: object, **_: object) -> str:
+            self.calls[path] = ("stream", request_serializer)
+            return path
+
+        def unary_unary(self, path: str, request_serializer: object, **_: object) -> str:
+            self.calls[path] = ("unary", request_serializer)
+            return path
+
+    generated, ours = Recorder(), Recorder()
+    peer_pb2_grpc.PeerStub(generated)
+    client_callables(ours, {name: bytes for name in RPCS})  # type: ignore[arg-type]
+    assert ours.calls == generated.calls and len(ours.calls) == 3
+    with pytest.raises(ValueError, match=r"missing \['Info'\]"):
+        client_callables(ours, {"Fetch": bytes, "GetState": bytes})  # type: ignore[arg-type]

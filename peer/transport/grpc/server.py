@@ -20,12 +20,11 @@ import concurrent.futures
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import grpc
-from google.protobuf.message import DecodeError
 
 from peer.errors import StepEvicted, WireError
 from peer.transport.grpc.framing import DEFAULT_CHECKSUM, checksum, chunk_count, iter_chunks
@@ -38,6 +37,7 @@ from peer.transport.grpc.security import (
     caller_rank,
     server_credentials,
 )
+from peer.transport.grpc.service import server_handler
 from peer.transport.grpc.store import StateProvider, VersionStore, pack_state
 from peer.transport.grpc.throttle import BandwidthLimiter
 from peer.transport.grpc.wire import (
@@ -48,13 +48,11 @@ from peer.transport.grpc.wire import (
     header_to_pb,
     info_to_pb,
     query_from_pb,
-    serialize_message,
     state_header_to_pb,
 )
 
 logger = logging.getLogger(__name__)
 
-SERVICE_NAME = "decentlam.v1.Peer"
 OLDEST_STEP_KEY = "x-decentlam-oldest-step"
 # The server lets clients ping every 10 s without data; clients ping every 20 s (client.py), so
 # neighbours never earn a GOAWAY "too_many_pings".
@@ -101,18 +99,6 @@ class ServedPeer:
     software_version: str = ""
     current_step: int = 0
     state_provider: StateProvider | None = field(default=None, repr=False)
-
-
-def _lenient(parse: Callable[[bytes], T]) -> Callable[[bytes], T | None]:
-    """Request deserializer that yields None for undecodable bytes (answered INVALID_ARGUMENT)."""
-
-    def deserialize(data: bytes) -> T | None:
-        try:
-            return parse(data)
-        except (DecodeError, ValueError):
-            return None
-
-    return deserialize
 
 
 async def _require(request: object, context: grpc.aio.ServicerContext) -> None:
@@ -256,26 +242,9 @@ class PeerServicer:
         peer.metrics.handled("GetState", time.perf_counter() - started)
 
     def generic_handler(self) -> grpc.GenericRpcHandler:
-        """Method handlers of the service, with the pass-through chunk serializer."""
-        return grpc.method_handlers_generic_handler(
-            SERVICE_NAME,
-            {
-                "Fetch": grpc.unary_stream_rpc_method_handler(
-                    self.rpc_fetch,
-                    request_deserializer=_lenient(pb.FetchRequest.FromString),
-                    response_serializer=serialize_message,
-                ),
-                "Info": grpc.unary_unary_rpc_method_handler(
-                    self.rpc_info,
-                    request_deserializer=_lenient(pb.InfoRequest.FromString),
-                    response_serializer=pb.InfoResponse.SerializeToString,
-                ),
-                "GetState": grpc.unary_stream_rpc_method_handler(
-                    self.rpc_get_state,
-                    request_deserializer=_lenient(pb.GetStateRequest.FromString),
-                    response_serializer=serialize_message,
-                ),
-            },
+        """Method handlers of the service (:func:`peer.transport.grpc.service.server_handler`)."""
+        return server_handler(
+            {"Fetch": self.rpc_fetch, "Info": self.rpc_info, "GetState": self.rpc_get_state}
         )
 
 
