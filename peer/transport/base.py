@@ -282,12 +282,6 @@ class Communicator(abc.ABC):
         )
         return handle.wait(timeout)
 
-    def global_average(
-        self, name: str, tensor: torch.Tensor, step: int, *, timeout: float | None = None
-    ) -> torch.Tensor:
-        """Blocking form of :meth:`global_average_async`."""
-        return self.global_average_async(name, tensor, step).wait(timeout)
-
     def publish(self, name: str, tensor: torch.Tensor, step: int) -> torch.Tensor | None:
         """Publish ``(name, step)`` without mixing (e.g. republishing after a resume)."""
         raise NotImplementedError(f"{type(self).__name__} cannot publish alone")
