@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import os
 import sys
 from collections.abc import Sequence
 
@@ -83,23 +82,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"decentlam: error: {exc}", file=sys.stderr)
             return EXIT_USAGE
         raise
-    code = int(result or 0)
-    if getattr(args, "exit_immediately", False) and _console:
-        # Everything is written and closed: skip interpreter finalisation (see peer_cmd).
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    return code
-
-
-_console = False
+    return int(result or 0)
 
 
 def console() -> None:  # pragma: no cover - the process entry point
     """Entry point of the ``decentlam`` executable and ``python -m launcher.cli``."""
-    global _console
-    _console = True
     sys.exit(main())
 
 

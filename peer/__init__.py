@@ -15,3 +15,10 @@ algorithms import nothing of the peer but :mod:`peer.errors`; training sees the 
 through :mod:`peer.transport.base`; only :mod:`peer.transport.grpc` imports grpc and the
 generated stubs; nothing under ``peer`` imports ``launcher``.
 """
+
+from importlib import metadata as _metadata
+
+try:
+    __version__ = _metadata.version("decentlam")
+except _metadata.PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "0+unknown"

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -23,20 +24,27 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from peer import __version__
 from peer.errors import ExchangeError
 from peer.training.metrics import TrainingMetrics
+from peer.training.optim import DecentralizedOptimizer
 from peer.training.tasks import build_task
 from peer.training.trainer import Trainer, TrainerConfig, TrainResult, flat_vector
-from peer.transport.base import Communicator
+from peer.transport.base import Communicator, Handle, TopologyLike, neighbors_over_period
+
+if TYPE_CHECKING:
+    from peer.transport.grpc.communicator import GrpcCommunicator
+    from peer.transport.grpc.wire import PeerInfo
 
 logger = logging.getLogger(__name__)
 
 DIGEST_VECTOR = "startup/param-digest"
-VERSION = "0.1.0"
+# Start-up waits look at the stop request (SIGTERM) this often.
+STARTUP_POLL_SECONDS = 0.5
 
 
 class PeerSetupError(RuntimeError):
@@ -89,27 +97,88 @@ def parameter_digest(model: torch.nn.Module) -> torch.Tensor:
     return torch.tensor(list(digest), dtype=torch.float64)
 
 
-def check_identical_init(comm: Communicator, topology: Any, model: torch.nn.Module) -> None:
+def check_identical_init(
+    comm: GrpcCommunicator,
+    topology: TopologyLike,
+    model: torch.nn.Module,
+    stop: threading.Event | None = None,
+) -> None:
     """Fetch each in-neighbour's parameter digest and compare it with ours.
 
+    The wait ends early when ``stop`` is set; each digest exchange ends at the exchange
+    deadline at the latest.
+
     Raises:
-        PeerSetupError: a neighbour starts from different parameters (wrong seed or task).
+        PeerSetupError: a neighbour starts from different parameters (wrong seed or task), or
+            its digest did not arrive (the error names it and says whether it is reachable).
     """
     own = parameter_digest(model)
-    neighbours: set[int] = set()
-    for k in range(max(1, topology.period)):
-        neighbours.update(topology.view(comm.rank, k).in_neighbors)
-    everyone = sorted(neighbours)
+    everyone = sorted(neighbors_over_period(topology, comm.rank))
     # Each fetch uses weight 1 on one neighbour and 0 on us: the result is its digest.
-    handles = {
+    pending: dict[int, Handle] = {
         j: comm.neighbor_average_async(DIGEST_VECTOR, own, 0, 0.0, {j: 1.0}) for j in everyone
     }
-    bad = [j for j, h in handles.items() if not torch.equal(h.wait(), own)]
+    bad: list[int] = []
+    failed: dict[int, str] = {}
+    while pending and not (stop is not None and stop.is_set()):
+        first = min(pending)
+        pending[first].wait_done(STARTUP_POLL_SECONDS)
+        for j in [j for j, handle in pending.items() if handle.done()]:
+            handle = pending.pop(j)
+            try:
+                if not torch.equal(handle.wait(0.0), own):
+                    bad.append(j)
+            except ExchangeError as exc:
+                failed[j] = str(exc)
+    if pending or failed:
+        missing = sorted({*pending, *failed})
+        why = "stopped while waiting" if pending else "; ".join(failed.values())
+        raise PeerSetupError(
+            f"peer {comm.rank}: no start-up parameter digest from peers {missing} ({why}); "
+            f"{_reachability(comm)}"
+        )
     if bad:
         raise PeerSetupError(
             f"peers {bad} start from different parameters than peer {comm.rank}: "
             "check that every peer uses the same manifest, task and seed"
         )
+
+
+def _reachability(comm: GrpcCommunicator) -> str:
+    """Which neighbours answer Info now: tells a dead neighbour from one still starting."""
+    try:
+        comm.wait_for_neighbors(timeout=STARTUP_POLL_SECONDS)
+    except ExchangeError as exc:
+        return str(exc)
+    return (
+        "every neighbour answers Info: the missing ones are still starting "
+        "(their logs name the neighbours they wait for)"
+    )
+
+
+def wait_for_neighbors(
+    comm: GrpcCommunicator, timeout: float, stop: threading.Event | None = None
+) -> dict[int, PeerInfo]:
+    """Wait until every neighbour answers Info, in rounds of ``STARTUP_POLL_SECONDS``, so a
+    stop request ends the wait within one round.
+
+    Returns:
+        ``{rank: PeerInfo}`` of every neighbour.
+
+    Raises:
+        PeerSetupError: naming the neighbours that did not answer (within ``timeout``, or
+            before the stop request).
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        remaining = deadline - time.monotonic()
+        try:
+            return comm.wait_for_neighbors(timeout=max(0.05, min(STARTUP_POLL_SECONDS, remaining)))
+        except ExchangeError as exc:
+            if stop is not None and stop.is_set():
+                raise PeerSetupError(f"stopped during start-up: {exc}") from None
+            if remaining <= STARTUP_POLL_SECONDS:
+                raise PeerSetupError(f"{exc} (waited {timeout:.3g} s)") from None
 
 
 def _exchange_config(manifest: Any, token: str | None) -> Any:
@@ -153,13 +222,19 @@ def resolve_staleness(manifest: Any, override: int | None) -> int:
 
 
 def read_token(path: Path | None) -> str | None:
-    """The bearer token from the manifest's token file (stripped), or ``None``."""
+    """The bearer token from the manifest's token file, or ``None`` when it names none.
+
+    Raises:
+        PeerSetupError: the file cannot be read or is empty.
+    """
     if path is None:
         return None
-    token = Path(path).read_text().strip()
-    if not token:
-        raise PeerSetupError(f"token file {path} is empty")
-    return token
+    from peer.transport.grpc.security import read_token_file
+
+    try:
+        return read_token_file(path)
+    except (OSError, ValueError) as exc:
+        raise PeerSetupError(f"token file: {exc}") from exc
 
 
 def run_peer(options: PeerOptions) -> TrainResult:
@@ -176,7 +251,8 @@ def run_peer(options: PeerOptions) -> TrainResult:
 
     from topology.manifest import load_manifest
 
-    # Handlers first: a SIGTERM during set-up must also end in a checkpoint and exit 0.
+    # Handlers first: a SIGTERM during set-up ends the start-up waits at once (PeerSetupError
+    # naming the neighbours still missing), or, once they are all there, a checkpoint at step 0.
     stop = threading.Event()
     _install_signal_handlers(stop)
     threads = os.environ.get("DECENTLAM_TORCH_THREADS")
@@ -208,23 +284,26 @@ def run_peer(options: PeerOptions) -> TrainResult:
         registry,
         rank,
         {
-            "version": VERSION,
+            "version": __version__,
             "algorithm": training.algorithm,
             "topology": manifest.topology.graph,
             "world_size": str(world_size),
             "device": str(device),
         },
     )
-    if me.metrics_port is not None:
-        start_http_server(me.metrics_port, addr=_metrics_bind(me.host), registry=registry)
-        logger.info("metrics on http://%s:%d/metrics", me.host, me.metrics_port)
-
-    token = read_token(manifest.security.token_file)
-    comm = _start_communicator(manifest, me, topology, registry, token, options)
-    for neighbor in contacts(topology, rank, world_size, False):
-        metrics.set_neighbor_up(neighbor, True)
-    trainer: Trainer | None = None
-    try:
+    # Everything started here is stopped here, in reverse order, however the run ends.
+    with contextlib.ExitStack() as owned:
+        if me.metrics_port is not None:
+            httpd, _ = start_http_server(
+                me.metrics_port, addr=_metrics_bind(me.host), registry=registry
+            )
+            owned.callback(_stop_http_server, httpd)
+            logger.info("metrics on http://%s:%d/metrics", me.host, me.metrics_port)
+        token = read_token(manifest.security.token_file)
+        comm = _start_communicator(manifest, me, topology, registry, token, options, stop)
+        owned.callback(comm.close)
+        for neighbor in contacts(topology, rank, world_size, False):
+            metrics.set_neighbor_up(neighbor, True)
         torch.manual_seed(training.seed)
         task = build_task(
             training.task,
@@ -234,8 +313,10 @@ def run_peer(options: PeerOptions) -> TrainResult:
         )
         task.model.to(device)
         if training.algorithm != "pmsgd":
-            check_identical_init(comm, topology, task.model)
+            check_identical_init(comm, topology, task.model, stop)
         optimizer = _build_optimizer(manifest, task.model, comm, staleness, options)
+        if optimizer.communicator is not comm:  # PmSGD's torch.distributed process group
+            owned.callback(optimizer.communicator.close)
         trainer = Trainer(
             task,
             optimizer,
@@ -258,13 +339,20 @@ def run_peer(options: PeerOptions) -> TrainResult:
         result = trainer.run()
         # current_step = steps + 1 says "finished, final evaluation included" to the readers.
         comm.set_current_step(trainer.step + 1)
-        _linger(comm, topology, rank, trainer.step, options.linger_seconds)
-    finally:
-        comm.close()
+        if stop.is_set():
+            logger.info("peer %d stopped on request: not lingering for readers", rank)
+        else:
+            _linger(comm, topology, rank, trainer.step, options.linger_seconds)
     path = out_dir / f"peer-{rank}.json"
     path.write_text(json.dumps(result.to_dict(), indent=2, default=float))
     logger.info("peer %d done: %s", rank, path)
     return result
+
+
+def _stop_http_server(httpd: Any) -> None:
+    """Stop the metrics endpoint's serving thread and close its socket."""
+    httpd.shutdown()
+    httpd.server_close()
 
 
 def _metrics_bind(host: str) -> str:
@@ -273,22 +361,25 @@ def _metrics_bind(host: str) -> str:
     return host if host.startswith("127.") or host in {"localhost", "::1"} else "0.0.0.0"
 
 
-def contacts(topology: Any, rank: int, world_size: int, global_averaging: bool) -> set[int]:
+def contacts(
+    topology: TopologyLike, rank: int, world_size: int, global_averaging: bool
+) -> set[int]:
     """Peers this one talks to: in- and out-neighbours over a period (everyone if it averages
     globally)."""
     if global_averaging:
         return set(range(world_size)) - {rank}
-    found: set[int] = set()
-    for k in range(max(1, topology.period)):
-        view = topology.view(rank, k)
-        found.update(view.in_neighbors)
-        found.update(view.out_neighbors)
-    return found - {rank}
+    return neighbors_over_period(topology, rank, incoming=True, outgoing=True)
 
 
 def _start_communicator(
-    manifest: Any, me: Any, topology: Any, registry: Any, token: str | None, options: PeerOptions
-) -> Any:
+    manifest: Any,
+    me: Any,
+    topology: TopologyLike,
+    registry: Any,
+    token: str | None,
+    options: PeerOptions,
+    stop: threading.Event,
+) -> GrpcCommunicator:
     from peer.transport.grpc.communicator import GrpcCommunicator
 
     training = manifest.training
@@ -310,7 +401,7 @@ def _start_communicator(
         registry=registry,
     )
     try:
-        infos = comm.wait_for_neighbors(timeout=manifest.exchange.connect_deadline_seconds)
+        infos = wait_for_neighbors(comm, manifest.exchange.connect_deadline_seconds, stop)
         mismatched = sorted(
             r for r, info in infos.items() if info.manifest_digest != manifest.digest()
         )
@@ -340,7 +431,7 @@ def sent_bytes(registry: Any) -> int:
 
 def _build_optimizer(
     manifest: Any, model: torch.nn.Module, comm: Communicator, staleness: int, options: PeerOptions
-) -> torch.optim.Optimizer:
+) -> DecentralizedOptimizer:
     from peer.algorithms.schedules import make_schedule
     from peer.training.optim import make_optimizer
 
@@ -418,16 +509,20 @@ def _install_signal_handlers(stop: threading.Event) -> None:
             return
 
 
-def _linger(comm: Any, topology: Any, rank: int, last_step: int, budget_seconds: float) -> None:
+def _linger(
+    comm: GrpcCommunicator,
+    topology: TopologyLike,
+    rank: int,
+    last_step: int,
+    budget_seconds: float,
+) -> None:
     """Keep serving until every out-neighbour has finished (or the budget ends).
 
     Without this the fastest peer would stop its server while slower neighbours still need its
     final vectors. It is not a barrier: it waits only on this peer's own readers, only at exit,
     and a reader that is gone (stopped, crashed) is not waited for.
     """
-    readers: set[int] = set()
-    for k in range(max(1, topology.period)):
-        readers.update(topology.view(rank, k).out_neighbors)
+    readers = neighbors_over_period(topology, rank, incoming=False, outgoing=True)
     deadline = time.monotonic() + budget_seconds
     while readers and time.monotonic() < deadline:
         try:

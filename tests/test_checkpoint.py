@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from peer import checkpoint as ckpt
+from peer.training import checkpoint as ckpt
 
 
 def _model_and_opt() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -62,8 +62,30 @@ def test_load_errors(tmp_path: Path) -> None:
         ckpt.load_checkpoint(tmp_path / "rank-0.pt")
     bad = tmp_path / "rank-1.pt"
     bad.write_bytes(os.urandom(64))
-    with pytest.raises(ValueError, match="unreadable"):
+    with pytest.raises(ValueError, match="refused"):
         ckpt.load_checkpoint(bad)
     torch.save({"model": {}}, tmp_path / "rank-2.pt")
     with pytest.raises(ValueError, match="lacks optimizer, step, rng"):
         ckpt.load_checkpoint(tmp_path / "rank-2.pt")
+
+
+class _Exploit:
+    """Unpickling this runs ``open(marker, "w")``: code execution from a checkpoint file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (open, (str(self.marker), "w"))
+
+
+def test_checkpoint_with_a_malicious_pickle_is_refused(tmp_path: Path) -> None:
+    model, opt = _model_and_opt()
+    path = ckpt.save_checkpoint(tmp_path, 0, model=model, optimizer=opt, step=1)
+    payload = ckpt.load_checkpoint(path)
+    marker = tmp_path / "pwned"
+    payload["extra"] = _Exploit(marker)
+    torch.save(payload, path)
+    with pytest.raises(ValueError, match=r"refused: it holds io\.open"):
+        ckpt.load_checkpoint(path)
+    assert not marker.exists(), "loading the checkpoint ran code from it"

@@ -65,7 +65,7 @@ def run_cluster(manifest: Path, out: Path, *peer_args: str, timeout: float = 90)
 def final_params(out: Path) -> torch.Tensor:
     rows = []
     for rank in range(N):
-        payload = torch.load(out / f"rank-{rank}.pt", weights_only=False)
+        payload = torch.load(out / f"rank-{rank}.pt", weights_only=True)
         rows.append(payload["model"]["x"])
     return torch.stack(rows)
 
@@ -221,14 +221,14 @@ def test_sigterm_checkpoints_and_exits_zero_then_resume_matches_simulator(tmp_pa
     finally:
         cluster.stop(grace_seconds=5)
     for rank in range(N):
-        saved = torch.load(out / f"rank-{rank}.pt", weights_only=False)
+        saved = torch.load(out / f"rank-{rank}.pt", weights_only=True)
         assert 5 <= saved["step"] < 100_000
         assert json.loads((out / f"peer-{rank}.json").read_text())["stopped_early"]
 
     # Second leg: resume from those checkpoints (peers may have stopped a step apart: each
     # republishes the vectors it had published) and run to a few steps past the furthest one;
     # the result equals that many uninterrupted steps of the simulator.
-    total = max(torch.load(out / f"rank-{r}.pt", weights_only=False)["step"] for r in range(N)) + 5
+    total = max(torch.load(out / f"rank-{r}.pt", weights_only=True)["step"] for r in range(N)) + 5
     longer = load_manifest(manifest_path).to_dict()
     longer["training"]["steps"] = total
     import yaml

@@ -20,7 +20,7 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry, generate_latest
 
-from launcher import deploy
+from tests import dashboard_queries
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARDS = sorted((ROOT / "deploy/grafana/dashboards").glob("*.json"))
@@ -45,7 +45,7 @@ def declared_peer_metrics() -> set[str]:
     registry = CollectorRegistry()
     TrainingMetrics(registry, 0, {"version": "test"})
     ExchangeMetrics(registry, 0)
-    return deploy.declared_metrics(generate_latest(registry).decode())
+    return dashboard_queries.declared_metrics(generate_latest(registry).decode())
 
 
 def metrics_table() -> tuple[str, set[str]]:
@@ -53,10 +53,12 @@ def metrics_table() -> tuple[str, set[str]]:
     metric names."""
     readme = ROOT / "README.md"
     if readme.exists():
-        section = deploy.metrics_section(readme.read_text())
+        section = dashboard_queries.metrics_section(readme.read_text())
         if section is not None:
-            return "README.md ## Metrics", deploy.documented_metrics(section)
-    return "docs/metrics.md", deploy.documented_metrics((ROOT / "docs/metrics.md").read_text())
+            return "README.md ## Metrics", dashboard_queries.documented_metrics(section)
+    return "docs/metrics.md", dashboard_queries.documented_metrics(
+        (ROOT / "docs/metrics.md").read_text()
+    )
 
 
 def test_three_dashboards_with_unique_uids() -> None:
@@ -70,7 +72,7 @@ def test_dashboard_is_a_valid_grafana_model(path: Path) -> None:
     assert isinstance(dashboard["schemaVersion"], int) and dashboard["schemaVersion"] >= 36
     assert dashboard["title"] and dashboard["uid"] and len(dashboard["uid"]) <= 40
     assert "id" not in dashboard or dashboard["id"] is None  # provisioned: Grafana assigns ids
-    panels = list(deploy.iter_panels(dashboard))
+    panels = list(dashboard_queries.iter_panels(dashboard))
     assert panels
     ids = [p["id"] for p in panels]
     assert len(ids) == len(set(ids))
@@ -103,17 +105,17 @@ def test_datasource_uid_is_the_provisioned_one() -> None:
 def test_panel_queries_use_the_template_variables(path: Path) -> None:
     dashboard = _load(path)
     names = {v["name"] for v in dashboard["templating"]["list"]}
-    for panel in deploy.iter_panels(dashboard):
+    for panel in dashboard_queries.iter_panels(dashboard):
         for target in panel.get("targets", []):
             expr = target["expr"]
             assert "$peer" in expr, f"{panel['title']}: {expr}"
             if "neighbor" in names and "decentlam_exchange_latency_seconds" in expr:
                 assert "$neighbor" in expr, f"{panel['title']}: {expr}"
-            deploy.substitute_variables(expr, ALL_VALUES)  # no unknown variables
+            dashboard_queries.substitute_variables(expr, ALL_VALUES)  # no unknown variables
 
 
 def test_overview_shows_what_the_issue_asks_for() -> None:
-    exprs = " ".join(deploy.dashboard_queries(_by_uid()["decentlam-overview"]))
+    exprs = " ".join(dashboard_queries.dashboard_queries(_by_uid()["decentlam-overview"]))
     for name in (
         "decentlam_steps_per_second",
         "decentlam_loss",
@@ -129,7 +131,7 @@ def test_overview_shows_what_the_issue_asks_for() -> None:
 
 def test_communication_latency_quantiles_per_edge() -> None:
     dashboard = _by_uid()["decentlam-communication"]
-    exprs = deploy.dashboard_queries(dashboard)
+    exprs = dashboard_queries.dashboard_queries(dashboard)
     for quantile in ("0.5", "0.95", "0.99"):
         wanted = (
             f"histogram_quantile({quantile}, sum by (le, rank, neighbor) "
@@ -152,7 +154,7 @@ def test_communication_latency_quantiles_per_edge() -> None:
 
 def test_topology_node_graph_and_edge_table() -> None:
     dashboard = _by_uid()["decentlam-topology"]
-    panels = {p["type"]: p for p in deploy.iter_panels(dashboard)}
+    panels = {p["type"]: p for p in dashboard_queries.iter_panels(dashboard)}
     graph = panels["nodeGraph"]
     nodes, edges = (t["expr"] for t in graph["targets"])
     assert "decentlam_build_info" in nodes and '"id", "$1", "rank"' in nodes
@@ -170,20 +172,22 @@ def test_metric_name_extraction() -> None:
         'sum by (rank, le) (rate(a_bucket{rank=~"$peer"}[5m])) / on (rank) group_left (x) '
         'b_total or on() vector(0) + time() - c{job="up"} offset 1m'
     )
-    assert deploy.metric_names(expr) == {"a_bucket", "b_total", "c"}
-    assert deploy.substitute_variables('x{r=~"$peer"}[$__rate_interval]', {"peer": "1"}) == (
-        'x{r=~"1"}[5s]'
-    )
+    assert dashboard_queries.metric_names(expr) == {"a_bucket", "b_total", "c"}
+    assert dashboard_queries.substitute_variables(
+        'x{r=~"$peer"}[$__rate_interval]', {"peer": "1"}
+    ) == ('x{r=~"1"}[5s]')
     with pytest.raises(KeyError):
-        deploy.substitute_variables("x{r=~'$other'}", {})
+        dashboard_queries.substitute_variables("x{r=~'$other'}", {})
 
 
 def test_every_dashboard_metric_is_declared_by_the_peer_collectors() -> None:
     declared = declared_peer_metrics()
     for path in DASHBOARDS:
-        for expr in deploy.dashboard_queries(_load(path)):
-            for name in deploy.metric_names(expr) - {"up"}:  # up is made by Prometheus
-                assert deploy.exported_family(name, declared), f"{path.name}: {name} in {expr}"
+        for expr in dashboard_queries.dashboard_queries(_load(path)):
+            for name in dashboard_queries.metric_names(expr) - {"up"}:  # up is made by Prometheus
+                assert dashboard_queries.exported_family(name, declared), (
+                    f"{path.name}: {name} in {expr}"
+                )
 
 
 def test_every_declared_metric_is_documented() -> None:
@@ -201,9 +205,14 @@ def test_every_query_parses_with_promtool(tmp_path: Path) -> None:
     if promtool is None:
         pytest.skip("promtool is not installed (apt-get install prometheus)")
     rules = [
-        {"record": f"dashboard:query_{i}", "expr": deploy.substitute_variables(e, ALL_VALUES)}
+        {
+            "record": f"dashboard:query_{i}",
+            "expr": dashboard_queries.substitute_variables(e, ALL_VALUES),
+        }
         for path in DASHBOARDS
-        for i, e in enumerate(deploy.dashboard_queries(_load(path)), start=len(path.stem) * 100)
+        for i, e in enumerate(
+            dashboard_queries.dashboard_queries(_load(path)), start=len(path.stem) * 100
+        )
     ]
     path = tmp_path / "rules.yml"
     path.write_text(yaml.safe_dump({"groups": [{"name": "dashboards", "rules": rules}]}))

@@ -24,6 +24,7 @@ import yaml
 from launcher import deploy
 from launcher.cli import main
 from launcher.cluster import free_ports
+from tests import dashboard_queries
 from topology.manifest import dump_manifest, init_manifest, load_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -283,7 +284,7 @@ def test_grafana_provisioning_matches_compose_and_dashboards() -> None:
         dashboard = json.loads(path.read_text())
         uids = {
             target["datasource"]["uid"]
-            for panel in deploy.iter_panels(dashboard)
+            for panel in dashboard_queries.iter_panels(dashboard)
             for target in panel.get("targets", [])
         }
         assert uids <= {source["uid"]}, path.name

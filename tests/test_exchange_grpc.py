@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 
 import pytest
@@ -150,3 +152,55 @@ def test_cuda_tensor_exchange(grpc_peers: GrpcPeers) -> None:
     results = [h.wait(10) for h in handles]
     assert all(r.is_cuda for r in results)
     assert torch.equal(results[0], results[1])
+
+
+def test_close_shuts_grpc_aio_down_while_its_loop_runs() -> None:
+    """After close() no grpc.aio server or channel is left alive: the core's poller thread is
+    gone before interpreter exit (freed at exit, after the loop stopped, they can hang the
+    process, grpc/grpc#40447), and the process exits normally."""
+    script = """
+import threading, torch
+from peer.transport.grpc.communicator import GrpcCommunicator
+from tests.conftest import ShiftTopology
+topology = ShiftTopology(2)
+a = GrpcCommunicator.start(0, {}, world_size=2, topology=topology)
+b = GrpcCommunicator.start(1, {0: a.address}, world_size=2, topology=topology)
+a.update_peers({1: b.address})
+for step in range(3):
+    handles = [c.neighbor_average_async("p", torch.ones(10), step) for c in (a, b)]
+    [h.wait(10) for h in handles]
+a.close()
+b.close()
+print(sorted(t.name for t in threading.enumerate() if t is not threading.main_thread()))
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]", f"threads left after close: {done.stdout}"
+
+
+def test_rpc_table_matches_the_generated_stub() -> None:
+    """Server and client read one table (from the service descriptor); it lists exactly the
+    methods, paths and kinds the generated ``PeerStub`` declares."""
+    from peer.transport.grpc.proto.decentlam.v1 import peer_pb2_grpc
+    from peer.transport.grpc.service import RPCS, client_callables
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.calls: dict[str, tuple[str, object]] = {}
+
+        def unary_stream(self, path: str, request_serializer: object, **_: object) -> str:
+            self.calls[path] = ("stream", request_serializer)
+            return path
+
+        def unary_unary(self, path: str, request_serializer: object, **_: object) -> str:
+            self.calls[path] = ("unary", request_serializer)
+            return path
+
+    generated, ours = Recorder(), Recorder()
+    peer_pb2_grpc.PeerStub(generated)
+    client_callables(ours, {name: bytes for name in RPCS})  # type: ignore[arg-type]
+    assert ours.calls == generated.calls and len(ours.calls) == 3
+    with pytest.raises(ValueError, match=r"missing \['Info'\]"):
+        client_callables(ours, {"Fetch": bytes, "GetState": bytes})  # type: ignore[arg-type]

@@ -26,9 +26,9 @@ from typing import Any
 
 import pytest
 
-from launcher import deploy
 from launcher.cli import main
 from launcher.cluster import LocalCluster, free_ports
+from tests import dashboard_queries
 from topology.manifest import dump_manifest, init_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -166,9 +166,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 def _dashboard_queries() -> list[tuple[str, str]]:
     return [
-        (path.name, deploy.substitute_variables(expr, VARIABLES))
+        (path.name, dashboard_queries.substitute_variables(expr, VARIABLES))
         for path in DASHBOARDS
-        for expr in deploy.dashboard_queries(json.loads(path.read_text()))
+        for expr in dashboard_queries.dashboard_queries(json.loads(path.read_text()))
     ]
 
 
@@ -195,25 +195,27 @@ def _scrape_peer(stack: Stack) -> str:
 
 
 def test_every_dashboard_metric_is_exported_by_a_real_peer(stack: Stack) -> None:
-    declared = deploy.declared_metrics(_scrape_peer(stack))
+    declared = dashboard_queries.declared_metrics(_scrape_peer(stack))
     missing = {
         (name, metric)
         for name, expr in _dashboard_queries()
-        for metric in deploy.metric_names(expr) - {"up"}  # up is made by Prometheus
-        if deploy.exported_family(metric, declared) is None
+        for metric in dashboard_queries.metric_names(expr) - {"up"}  # up is made by Prometheus
+        if dashboard_queries.exported_family(metric, declared) is None
     }
     assert not missing, f"named in dashboards, not exported by a peer: {sorted(missing)}"
 
 
 def test_every_exported_metric_is_documented(stack: Stack) -> None:
     readme = ROOT / "README.md"
-    section = deploy.metrics_section(readme.read_text()) if readme.exists() else None
+    section = dashboard_queries.metrics_section(readme.read_text()) if readme.exists() else None
     where = "README.md ## Metrics" if section is not None else "docs/metrics.md"
-    documented = deploy.documented_metrics(
+    documented = dashboard_queries.documented_metrics(
         section if section is not None else (ROOT / "docs/metrics.md").read_text()
     )
     exported = {
-        m for m in deploy.declared_metrics(_scrape_peer(stack)) if m.startswith("decentlam")
+        m
+        for m in dashboard_queries.declared_metrics(_scrape_peer(stack))
+        if m.startswith("decentlam")
     }
     missing = exported - documented
     assert not missing, (

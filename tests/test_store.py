@@ -44,6 +44,29 @@ async def test_wait_wakes_on_publish_and_times_out() -> None:
         await store.wait_for("p", 9, 9, timeout=0.05)
 
 
+async def test_publish_wakes_only_the_waiters_of_its_name() -> None:
+    """A waiter for bucket "a" is not woken (no re-lookup) by publishes of bucket "b"."""
+    store = VersionStore(retained_versions=4)
+    looked_up: list[str] = []
+    lookup = store.lookup
+
+    def counting(name: str, step: int, min_step: int):  # type: ignore[no-untyped-def]
+        looked_up.append(name)
+        return lookup(name, step, min_step)
+
+    store.lookup = counting  # type: ignore[method-assign]
+    waiter = asyncio.ensure_future(store.wait_for("a", 0, 0, timeout=5.0))
+    await asyncio.sleep(0.01)
+    for step in range(20):
+        store.insert(version(step, name="b"))
+        await asyncio.sleep(0)
+    await asyncio.sleep(0.01)
+    assert looked_up.count("a") == 1, f"waiter of 'a' re-checked {looked_up.count('a')} times"
+    store.insert(version(0, name="a"))
+    assert (await asyncio.wait_for(waiter, 1.0)).name == "a"
+    assert looked_up.count("a") == 2
+
+
 async def test_checksum_computed_once_per_version() -> None:
     v = version(1, value=3.0)
     assert v.checksum() is v.checksum()
@@ -76,3 +99,38 @@ def test_state_pack_unpack_round_trip() -> None:
     _, entries, payload = pack_state({"x": torch.ones(4)})
     with pytest.raises(WireError):
         unpack_state(StateHeader(0, 1, False, entries, 8, 0, 1, 8), bytearray(payload[:8]))
+
+
+def test_side_stream_is_created_once_under_concurrent_first_use(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The training thread and autograd hooks may snapshot at once: one copy stream per device
+    (a fake stream class stands in for CUDA; it is slow to build to widen the race)."""
+    import threading
+    import time
+
+    from peer.transport.grpc import store
+
+    built: list[object] = []
+
+    class FakeStream:
+        def __init__(self, device: int) -> None:
+            time.sleep(0.01)
+            built.append(self)
+
+    monkeypatch.setattr(store.torch.cuda, "Stream", FakeStream)
+    monkeypatch.setattr(store, "_side_streams", {})
+    got: list[object] = []
+    start = threading.Barrier(8)
+
+    def first_use() -> None:
+        start.wait()
+        got.append(store._side_stream(torch.device("cuda", 0)))
+
+    threads = [threading.Thread(target=first_use) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(5)
+    assert len(built) == 1, f"{len(built)} streams built for one device"
+    assert all(stream is built[0] for stream in got) and len(got) == 8

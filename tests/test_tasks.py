@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from peer.training.tasks import batches_from, build_task, dirichlet_split
+from peer.simulation.problems import split_non_iid
+from peer.training.tasks import batches_from, build_task
 
 
-def test_dirichlet_split_is_a_partition_and_skewed() -> None:
+def test_non_iid_split_is_a_partition_and_skewed() -> None:
     labels = np.repeat(np.arange(10), 50)
-    shards = dirichlet_split(labels, 8, alpha=0.1, seed=3)
+    shards = split_non_iid(labels, 8, "dirichlet", alpha=0.1, seed=3)
     joined = np.sort(np.concatenate(shards))
     assert np.array_equal(joined, np.arange(len(labels)))
     assert all(len(s) > 0 for s in shards)
@@ -24,14 +25,14 @@ def test_dirichlet_split_is_a_partition_and_skewed() -> None:
     assert share > 0.3
 
 
-def test_dirichlet_split_iid_and_errors() -> None:
+def test_non_iid_split_iid_and_errors() -> None:
     labels = np.arange(20) % 2
-    shards = dirichlet_split(labels, 4, alpha=None, seed=0)
+    shards = split_non_iid(labels, 4, "iid", seed=0)
     assert [len(s) for s in shards] == [5, 5, 5, 5]
     with pytest.raises(ValueError, match="alpha must be > 0"):
-        dirichlet_split(labels, 4, alpha=0.0, seed=0)
-    with pytest.raises(ValueError, match="cannot split 20 samples over 30 peers"):
-        dirichlet_split(labels, 30, alpha=None, seed=0)
+        split_non_iid(labels, 4, "dirichlet", alpha=0.0, seed=0)
+    with pytest.raises(ValueError, match="cannot split 20 samples over 30 nodes"):
+        split_non_iid(labels, 30, "iid", seed=0)
 
 
 def test_digits_peers_share_init_and_test_set_but_not_shards() -> None:
@@ -98,3 +99,31 @@ def test_user_factory_and_errors(monkeypatch: pytest.MonkeyPatch) -> None:
         build_task("imagenet", 0, 1, {})
     with pytest.raises(ValueError, match="unknown model 'rnn'"):
         build_task("digits", 0, 1, {"model": "rnn"})
+
+
+@pytest.mark.parametrize("alpha", [0.3, None])
+def test_simulator_and_peers_train_on_the_same_digits_shards(alpha: float | None) -> None:
+    """The simulator's DigitsProblem and the peers' digits task split the data with one
+    function: same arguments, same shards, same held-out set."""
+    from peer.simulation.problems import DigitsProblem
+
+    n, seed, test_fraction = 4, 5, 0.2
+    problem = DigitsProblem(
+        n=n,
+        split="iid" if alpha is None else "dirichlet",
+        alpha=0.5 if alpha is None else alpha,
+        test_fraction=test_fraction,
+        seed=seed,
+    )
+    for rank in range(n):
+        task = build_task(
+            "digits",
+            rank,
+            n,
+            {"seed": seed, "alpha": alpha, "test_fraction": test_fraction, "dtype": "float64"},
+        )
+        count = int(problem.counts[rank])
+        assert torch.equal(task.train_y, problem.labels[rank, :count])
+        assert torch.equal(task.train_x, problem.features[rank, :count])
+    assert torch.equal(task.test_y, problem.test_labels)
+    assert torch.equal(task.test_x, problem.test_features)

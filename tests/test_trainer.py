@@ -128,7 +128,7 @@ def test_stop_then_resume_reproduces_uninterrupted_run(tmp_path: Path) -> None:
     for rank in range(N):
         assert resumed[rank][0].start_step == 8
         assert torch.equal(resumed[rank][1], full[rank][1])
-        saved = torch.load(tmp_path / f"rank-{rank}.pt", weights_only=False)
+        saved = torch.load(tmp_path / f"rank-{rank}.pt", weights_only=True)
         assert saved["step"] == 20
         assert set(saved) >= {"model", "optimizer", "step", "rng"}
 

@@ -18,7 +18,7 @@ from peer.transport.grpc.communicator import ExchangeConfig, GrpcCommunicator
 from peer.transport.grpc.proto.decentlam.v1 import peer_pb2 as pb
 from peer.transport.grpc.proto.decentlam.v1 import peer_pb2_grpc
 from peer.transport.grpc.security import call_metadata
-from peer.transport.grpc.server import SERVICE_NAME
+from peer.transport.grpc.service import SERVICE_NAME
 from peer.transport.grpc.wire import (
     Expectation,
     RangeAssembler,

@@ -110,7 +110,4 @@ def run(args: argparse.Namespace) -> int:
         "peer %d finished at step %d (loss %.4g, eval %s)",
         result.rank, result.steps, result.final_loss, result.eval,
     )  # fmt: skip
-    # grpc.aio objects finalised during interpreter shutdown can hang the process
-    # (grpc/grpc#40447); the console entry point exits at once after a peer run.
-    args.exit_immediately = True
     return 0

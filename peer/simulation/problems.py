@@ -20,6 +20,7 @@ small MLP on scikit-learn's digits with a non-iid split.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -141,7 +142,7 @@ class LinearRegressionProblem:
 def split_non_iid(
     labels: np.ndarray, n: int, split: str = "dirichlet", alpha: float = 0.5, seed: int = 0
 ) -> list[np.ndarray]:
-    """Split sample indices across ``n`` nodes.
+    """Split sample indices across ``n`` nodes (the one split of the simulator and the peers).
 
     Args:
         labels: class label of every sample.
@@ -149,11 +150,16 @@ def split_non_iid(
         split: ``"dirichlet"`` (per class, proportions ~ Dir(alpha)), ``"label"`` (sorted by
             label, contiguous chunks: each node sees few classes) or ``"iid"``.
         alpha: Dirichlet concentration (small = more skewed).
-        seed: randomness.
+        seed: randomness (identical on every peer, so the shards are disjoint).
 
     Returns:
-        ``n`` non-empty index arrays.
+        ``n`` non-empty, sorted index arrays; every sample is in exactly one of them.
+
+    Raises:
+        ValueError: unknown split, ``alpha <= 0``, or fewer samples than nodes.
     """
+    if n > len(labels):
+        raise ValueError(f"cannot split {len(labels)} samples over {n} nodes")
     rng = np.random.default_rng(seed)
     if split == "iid":
         return [np.sort(part) for part in np.array_split(rng.permutation(len(labels)), n)]
@@ -163,17 +169,61 @@ def split_non_iid(
     if split != "dirichlet":
         raise ValueError(f"unknown split {split!r}; choose dirichlet, label or iid")
     if alpha <= 0:
-        raise ValueError(f"alpha must be > 0, got {alpha}")
-    for _ in range(100):
-        parts: list[list[int]] = [[] for _ in range(n)]
-        for cls in np.unique(labels):
-            members = rng.permutation(np.flatnonzero(labels == cls))
-            cuts = (np.cumsum(rng.dirichlet(np.full(n, alpha)))[:-1] * len(members)).astype(int)
-            for node, chunk in enumerate(np.split(members, cuts)):
-                parts[node].extend(chunk.tolist())
-        if all(parts):
-            return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
-    raise ValueError(f"could not give every one of {n} nodes a sample with alpha={alpha}")
+        raise ValueError(f"dirichlet alpha must be > 0, got {alpha}")
+    parts: list[list[int]] = [[] for _ in range(n)]
+    for cls in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == cls))
+        cuts = (np.cumsum(rng.dirichlet(np.full(n, alpha)))[:-1] * len(members)).astype(int)
+        for node, chunk in enumerate(np.split(members, cuts)):
+            parts[node].extend(chunk.tolist())
+    # Guarantee every node a sample: move one from the largest part to each empty one.
+    for node in range(n):
+        if not parts[node]:
+            donor = max(range(n), key=lambda r: len(parts[r]))
+            parts[node].append(parts[donor].pop())
+    return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
+
+
+@dataclass(frozen=True)
+class DigitsSplit:
+    """scikit-learn's digits, held-out set and per-node training shards.
+
+    Attributes:
+        train_x: training features (float64, scaled to ``[0, 1]``), ``[m, 64]``.
+        train_y: training labels, ``[m]``.
+        test_x: held-out features (identical for every node).
+        test_y: held-out labels.
+        shards: per node, indices into the training arrays.
+    """
+
+    train_x: np.ndarray
+    train_y: np.ndarray
+    test_x: np.ndarray
+    test_y: np.ndarray
+    shards: list[np.ndarray]
+
+
+def split_digits(
+    n: int, split: str = "dirichlet", alpha: float = 0.5, test_fraction: float = 0.25, seed: int = 0
+) -> DigitsSplit:
+    """Load the digits and split them: a stratified held-out set, then :func:`split_non_iid`.
+
+    The simulator's :class:`DigitsProblem` and the peers' ``digits`` task both call this, so
+    the same arguments give the same shards in both.
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    features = digits.data.astype(np.float64) / 16.0
+    x_tr, x_te, y_tr, y_te = train_test_split(
+        features,
+        digits.target.astype(np.int64),
+        test_size=test_fraction,
+        random_state=seed,
+        stratify=digits.target,
+    )
+    return DigitsSplit(x_tr, y_tr, x_te, y_te, split_non_iid(y_tr, n, split, alpha, seed))
 
 
 class DigitsProblem:
@@ -203,21 +253,12 @@ class DigitsProblem:
         test_fraction: float = 0.25,
         seed: int = 0,
     ) -> None:
-        from sklearn.datasets import load_digits
-        from sklearn.model_selection import train_test_split
-
         if model not in ("logreg", "mlp"):
             raise ValueError(f"unknown model {model!r}; choose logreg or mlp")
-        digits = load_digits()
-        features = digits.data.astype(np.float64) / 16.0
-        x_tr, x_te, y_tr, y_te = train_test_split(
-            features,
-            digits.target,
-            test_size=test_fraction,
-            random_state=seed,
-            stratify=digits.target,
-        )
-        shards = split_non_iid(y_tr, n, split, alpha, seed)
+        data = split_digits(n, split, alpha, test_fraction, seed)
+        x_tr, y_tr, x_te, y_te, shards = (
+            data.train_x, data.train_y, data.test_x, data.test_y, data.shards
+        )  # fmt: skip
         longest = max(len(s) for s in shards)
         self.n, self.model, self.hidden, self.classes = n, model, hidden, 10
         self.features = torch.zeros(n, longest, 64, dtype=torch.float64)

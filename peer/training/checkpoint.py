@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import random
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -28,10 +30,21 @@ def checkpoint_path(directory: str | os.PathLike[str], rank: int) -> Path:
 
 
 def rng_state() -> dict[str, Any]:
-    """Every random number generator a training step may use (torch, CUDA, numpy, random)."""
+    """Every random number generator a training step may use (torch, CUDA, numpy, random).
+
+    Only tensors and plain Python values, so that :func:`load_checkpoint` can read it back with
+    ``torch.load(weights_only=True)`` (numpy's state is stored as a tensor and primitives).
+    """
+    name, key, pos, has_gauss, cached_gaussian = np.random.get_state()
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
+        "numpy": {
+            "bit_generator": str(name),
+            "key": torch.from_numpy(np.asarray(key, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
         "python": random.getstate(),
     }
     if torch.cuda.is_available():
@@ -42,7 +55,16 @@ def rng_state() -> dict[str, Any]:
 def set_rng_state(state: dict[str, Any]) -> None:
     """Restore what :func:`rng_state` captured."""
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    saved = state["numpy"]
+    np.random.set_state(
+        (
+            saved["bit_generator"],
+            saved["key"].numpy().astype(np.uint32),
+            saved["pos"],
+            saved["has_gauss"],
+            saved["cached_gaussian"],
+        )
+    )
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -112,15 +134,27 @@ def save_checkpoint(
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read a checkpoint and check it has every required key.
 
+    The file is read with ``torch.load(weights_only=True)``: tensors and plain Python values
+    only, so a checkpoint cannot run code when it is loaded (a pickle of anything else is
+    refused).
+
     Raises:
         FileNotFoundError: no checkpoint at ``path``.
-        ValueError: the file is not a decentlam checkpoint (keys missing or unreadable).
+        ValueError: the file is not a decentlam checkpoint (keys missing, unreadable, or
+            holding objects other than tensors and plain values).
     """
     target = Path(path)
     if not target.exists():
         raise FileNotFoundError(f"no checkpoint at {target}")
     try:
-        payload = torch.load(target, map_location="cpu", weights_only=False)
+        payload = torch.load(target, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL (\S+) was not an allowed global", str(exc))
+        what = found.group(1) if found else "an object that is not a tensor or a plain value"
+        raise ValueError(
+            f"checkpoint {target} refused: it holds {what} (only tensors and plain values are "
+            "loaded: anything else could run code)"
+        ) from exc
     except Exception as exc:
         raise ValueError(f"checkpoint {target} is unreadable: {exc}") from exc
     if not isinstance(payload, dict):

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from peer.algorithms.rules import UpdateRule, make_rule, uses_global_average
-from peer.errors import ExchangeError, ExchangeTimeout
+from peer.errors import ExchangeError
 from peer.transport.base import Communicator, ExchangeStats, Handle
 from topology.manifest import ExchangeSpec
 
@@ -309,7 +309,12 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         return loss
 
     def _wait(self, handle: Handle) -> torch.Tensor:
-        """``handle.wait`` that gives up early when :attr:`interrupt` is set."""
+        """``handle.wait`` that gives up early when :attr:`interrupt` is set.
+
+        It waits in slices of :data:`INTERRUPT_POLL_SECONDS` for the exchange to *finish*
+        (:meth:`Handle.wait_done` never raises), so an exchange that failed ends the wait at
+        once with its own error instead of being re-raised slice after slice.
+        """
         if self.interrupt is None:
             return handle.wait(self.deadline_seconds)
         budget = self.deadline_seconds if self.deadline_seconds is not None else 30.0
@@ -318,11 +323,11 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
             if self.interrupt.is_set():
                 raise StepInterrupted(f"step {self._step} abandoned: stop requested")
             remaining = deadline - time.monotonic()
-            try:
-                return handle.wait(max(0.0, min(INTERRUPT_POLL_SECONDS, remaining)))
-            except ExchangeTimeout:
-                if remaining <= INTERRUPT_POLL_SECONDS:
-                    raise
+            if handle.wait_done(max(0.0, min(INTERRUPT_POLL_SECONDS, remaining))):
+                break
+            if remaining <= INTERRUPT_POLL_SECONDS:
+                break  # the budget is spent: wait(0) below raises ExchangeTimeout
+        return handle.wait(0.0)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the flat gradient buffers (gradients stay views; ``set_to_none`` is ignored)."""

@@ -24,9 +24,8 @@ import inspect
 import logging
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -36,63 +35,11 @@ logger = logging.getLogger(__name__)
 Batch = Any
 
 
-class Task(Protocol):
-    """What the trainer needs from a task (see the module docstring)."""
-
-    model: nn.Module
-
-    def train_batches(self) -> Iterator[Batch]: ...
-
-    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor: ...
-
-    def evaluate(self, model: nn.Module) -> dict[str, float]: ...
-
-
 def _step_generator(seed: int, rank: int, step: int) -> torch.Generator:
     # A fresh generator per (seed, rank, step): batches are a pure function of the step.
     generator = torch.Generator()
     generator.manual_seed((seed * 1_000_003 + rank) * 1_000_003 + step)
     return generator
-
-
-def dirichlet_split(
-    labels: np.ndarray, world_size: int, alpha: float | None, seed: int
-) -> list[np.ndarray]:
-    """Split sample indices over peers; non-iid when ``alpha`` is given.
-
-    Args:
-        labels: class label of every sample.
-        world_size: number of peers.
-        alpha: Dirichlet concentration per class (small = very skewed, e.g. 0.1; large = iid);
-            ``None`` splits uniformly at random (iid).
-        seed: split seed (identical on every peer, so the shards are disjoint).
-
-    Returns:
-        One index array per peer; every sample is assigned to exactly one peer, and every peer
-        receives at least one sample.
-    """
-    rng = np.random.default_rng(seed)
-    n = len(labels)
-    if world_size > n:
-        raise ValueError(f"cannot split {n} samples over {world_size} peers")
-    if alpha is None:
-        order = rng.permutation(n)
-        return [np.sort(part) for part in np.array_split(order, world_size)]
-    if alpha <= 0:
-        raise ValueError(f"dirichlet alpha must be > 0, got {alpha}")
-    shards: list[list[int]] = [[] for _ in range(world_size)]
-    for cls in np.unique(labels):
-        members = rng.permutation(np.flatnonzero(labels == cls))
-        proportions = rng.dirichlet(np.full(world_size, alpha))
-        cuts = (np.cumsum(proportions)[:-1] * len(members)).astype(int)
-        for rank, part in enumerate(np.split(members, cuts)):
-            shards[rank].extend(part.tolist())
-    # Guarantee every peer a sample: move one from the largest shard to each empty one.
-    for rank in range(world_size):
-        if not shards[rank]:
-            donor = max(range(world_size), key=lambda r: len(shards[r]))
-            shards[rank].append(shards[donor].pop())
-    return [np.sort(np.asarray(s, dtype=np.int64)) for s in shards]
 
 
 def _minibatch_indices(size: int, batch_size: int, generator: torch.Generator) -> torch.Tensor:
@@ -143,7 +90,8 @@ class DigitsTask:
     """scikit-learn's digits (1797 8x8 images), split non-iid over the peers.
 
     The test set (``test_fraction`` of the data, identical on every peer) evaluates the local
-    model; the rest is split over the peers with :func:`dirichlet_split`.
+    model; the rest is split over the peers with
+    :func:`peer.simulation.problems.split_digits` (the simulator's split).
     """
 
     model: nn.Module
@@ -215,17 +163,15 @@ def digits_task(
     Returns:
         The peer's :class:`DigitsTask`.
     """
-    from sklearn.datasets import load_digits
+    from peer.simulation.problems import split_digits
 
     _warn_unused("digits", unused)
-    digits = load_digits()
-    features = (digits.data / 16.0).astype(np.float64)
-    labels = digits.target.astype(np.int64)
-    order = np.random.default_rng(seed).permutation(len(labels))
-    n_test = round(test_fraction * len(labels))
-    test_idx, train_idx = order[:n_test], order[n_test:]
-    shards = dirichlet_split(labels[train_idx], world_size, alpha, seed)
-    mine = train_idx[shards[rank]]
+    # The simulator's DigitsProblem splits with the same function: same shards for the same
+    # arguments.
+    data = split_digits(
+        world_size, "iid" if alpha is None else "dirichlet", alpha or 0.5, test_fraction, seed
+    )
+    mine = data.shards[rank]
     torch_dtype = getattr(torch, dtype)
     torch.manual_seed(seed)
     if model == "mlp":
@@ -237,10 +183,10 @@ def digits_task(
     net = net.to(torch_dtype)
     return DigitsTask(
         model=net,
-        train_x=torch.as_tensor(features[mine], dtype=torch_dtype),
-        train_y=torch.as_tensor(labels[mine]),
-        test_x=torch.as_tensor(features[test_idx], dtype=torch_dtype),
-        test_y=torch.as_tensor(labels[test_idx]),
+        train_x=torch.as_tensor(data.train_x[mine], dtype=torch_dtype),
+        train_y=torch.as_tensor(data.train_y[mine]),
+        test_x=torch.as_tensor(data.test_x, dtype=torch_dtype),
+        test_y=torch.as_tensor(data.test_y),
         batch_size=batch_size if batch_size > 0 else len(mine),
         seed=seed,
         rank=rank,

@@ -23,7 +23,12 @@ from typing import Any
 import torch
 
 from peer.errors import ExchangeError
-from peer.training.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
+from peer.training.checkpoint import (
+    checkpoint_path,
+    load_checkpoint,
+    save_checkpoint,
+    set_rng_state,
+)
 from peer.training.metrics import TrainingMetrics
 from peer.training.tasks import batches_from
 from peer.transport.base import Communicator, ExchangeStats
@@ -139,7 +144,7 @@ class Trainer:
         directory = self.config.checkpoint_dir
         if not self.config.resume or directory is None:
             return False
-        path = Path(directory) / f"rank-{self.rank}.pt"
+        path = checkpoint_path(directory, self.rank)
         if not path.exists():
             logger.info("no checkpoint at %s: starting from step 0", path)
             return False

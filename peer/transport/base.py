@@ -31,11 +31,13 @@ from __future__ import annotations
 
 import abc
 import logging
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Protocol
 
 import torch
+
+from peer.errors import StepEvicted
 
 logger = logging.getLogger(__name__)
 
@@ -64,12 +66,65 @@ LATENCY_BUCKETS_SECONDS: tuple[float, ...] = (
 )
 
 
+class PeerViewLike(Protocol):
+    """One peer's mixing step at one iteration (``topology.PeerView`` or a test double)."""
+
+    @property
+    def self_weight(self) -> float:
+        """``w_ii``."""
+
+    @property
+    def in_neighbors(self) -> Mapping[int, float]:
+        """``{j: w_ij}``: the peers this one mixes from."""
+
+    @property
+    def out_neighbors(self) -> Collection[int]:
+        """The peers that mix this one's vector."""
+
+
+class TopologyLike(Protocol):
+    """What the transports and the peer process read of a topology (``topology.Topology``)."""
+
+    @property
+    def period(self) -> int:
+        """Iterations before the views repeat (1 when static)."""
+
+    def view(self, rank: int, k: int) -> PeerViewLike:
+        """Peer ``rank``'s view of the mixing step at iteration ``k``."""
+
+
+def neighbors_over_period(
+    topology: TopologyLike, rank: int, *, incoming: bool = True, outgoing: bool = False
+) -> set[int]:
+    """Every in-neighbour (and/or out-neighbour) of ``rank`` over one period of the topology.
+
+    Args:
+        topology: the topology.
+        rank: the peer.
+        incoming: include the peers ``rank`` mixes from.
+        outgoing: include the peers that mix ``rank``'s vector.
+
+    Returns:
+        The neighbours' ranks (never ``rank`` itself).
+    """
+    found: set[int] = set()
+    for k in range(max(1, topology.period)):
+        view = topology.view(rank, k)
+        if incoming:
+            found.update(int(j) for j in view.in_neighbors)
+        if outgoing:
+            found.update(int(j) for j in view.out_neighbors)
+    found.discard(rank)
+    return found
+
+
 @dataclass
 class ExchangeStats:
     """What one completed exchange observed (filled in by the transport).
 
     Attributes:
-        wait_seconds: time the caller spent blocked inside :meth:`Handle.wait`.
+        wait_seconds: total time callers spent blocked in :meth:`Handle.wait` and
+            :meth:`Handle.wait_done` (every slice of an interruptible wait).
         latency_seconds: per neighbour, time from start to the vector being available.
         used_steps: per neighbour, the step of the version actually mixed (staleness = step -
             used_step).
@@ -83,13 +138,33 @@ class ExchangeStats:
 
 
 class Handle(abc.ABC):
-    """A nonblocking exchange in flight. Thread-safe; ``wait`` may be called more than once."""
+    """A nonblocking exchange in flight. Thread-safe; ``wait`` may be called more than once.
+
+    An exchange is *in flight* until it has *finished*, either with the mixed vector or with
+    its own error (a neighbour missed the exchange's deadline, a step was evicted, ...).
+    :meth:`wait_done` tells the two apart from "not finished yet" without raising, so a caller
+    can wait in short slices (to notice a stop request) without spinning on a failed exchange;
+    :meth:`wait` then returns the vector or raises the exchange's own error. Every second a
+    caller spends blocked in either method is added to ``stats.wait_seconds``.
+    """
 
     stats: ExchangeStats
 
     @abc.abstractmethod
     def done(self) -> bool:
-        """True once :meth:`wait` would return (or raise) without blocking."""
+        """True once the exchange has finished (:meth:`wait` returns or raises at once)."""
+
+    @abc.abstractmethod
+    def wait_done(self, timeout: float) -> bool:
+        """Block until the exchange has finished, at most ``timeout`` seconds.
+
+        Args:
+            timeout: seconds to block at most (``0`` only looks).
+
+        Returns:
+            ``True`` once it has finished (with a result or with an error), ``False`` while it
+            is still in flight. Never raises an exchange error.
+        """
 
     @abc.abstractmethod
     def wait(self, timeout: float | None = None) -> torch.Tensor:
@@ -102,8 +177,10 @@ class Handle(abc.ABC):
             The weighted average, with the shape, dtype and device of the published tensor.
 
         Raises:
-            peer.errors.ExchangeError: a neighbour's vector could not be obtained in time
-                (the subclass says why).
+            peer.errors.ExchangeError: the exchange failed (its own error, e.g.
+                :class:`~peer.errors.ExchangeTimeout` naming the neighbour that missed the
+                exchange's deadline), or :class:`~peer.errors.ExchangeTimeout` when it is
+                still in flight after ``timeout`` seconds.
         """
 
 
@@ -115,6 +192,9 @@ class CompletedHandle(Handle):
         self.stats = ExchangeStats()
 
     def done(self) -> bool:
+        return True
+
+    def wait_done(self, timeout: float) -> bool:
         return True
 
     def wait(self, timeout: float | None = None) -> torch.Tensor:
@@ -202,12 +282,6 @@ class Communicator(abc.ABC):
         )
         return handle.wait(timeout)
 
-    def global_average(
-        self, name: str, tensor: torch.Tensor, step: int, *, timeout: float | None = None
-    ) -> torch.Tensor:
-        """Blocking form of :meth:`global_average_async`."""
-        return self.global_average_async(name, tensor, step).wait(timeout)
-
     def publish(self, name: str, tensor: torch.Tensor, step: int) -> torch.Tensor | None:
         """Publish ``(name, step)`` without mixing (e.g. republishing after a resume)."""
         raise NotImplementedError(f"{type(self).__name__} cannot publish alone")
@@ -231,7 +305,7 @@ class Communicator(abc.ABC):
 
 
 def resolve_weights(
-    topology: Any,
+    topology: TopologyLike | None,
     rank: int,
     step: int,
     self_weight: float | None,
@@ -259,6 +333,51 @@ def resolve_weights(
     view = topology.view(rank, step)
     weight = float(view.self_weight) if self_weight is None else float(self_weight)
     return weight, {int(j): float(w) for j, w in sorted(view.in_neighbors.items())}
+
+
+def choose_step(
+    retained_steps: Sequence[int],
+    step: int,
+    min_step: int,
+    *,
+    name: str,
+    neighbor: int | None = None,
+) -> int | None:
+    """Which retained version answers a request for ``step`` (shared by every transport).
+
+    The exact step is preferred, else the freshest retained step in ``[min_step, step]``.
+
+    Args:
+        retained_steps: the retained steps of ``name``, oldest first.
+        step: newest acceptable step.
+        min_step: oldest acceptable step (``step - max_staleness``).
+        name: vector name (for the error).
+        neighbor: the peer that retains them (for the error), if known.
+
+    Returns:
+        The chosen step, or ``None`` when none is acceptable yet (wait for a publish).
+
+    Raises:
+        StepEvicted: ``step`` is older than the oldest retained step: it will never come.
+    """
+    if not retained_steps:
+        return None
+    if step in retained_steps:
+        return step
+    acceptable = [s for s in retained_steps if min_step <= s <= step]
+    if acceptable:
+        return max(acceptable)
+    oldest = retained_steps[0]
+    if oldest > step:
+        owner = "" if neighbor is None else f"peer {neighbor}: "
+        raise StepEvicted(
+            f"{owner}{name!r} step {step} is no longer retained (oldest retained: {oldest})",
+            neighbor=neighbor,
+            name=name,
+            step=step,
+            oldest_step=oldest,
+        )
+    return None
 
 
 def damp_stale_weights(

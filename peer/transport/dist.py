@@ -36,25 +36,36 @@ class _AllReduceHandle(Handle):
     def done(self) -> bool:
         return self._result is not None or self._work.is_completed()
 
+    def wait_done(self, timeout: float) -> bool:
+        # Work.wait(timeout) fails the collective itself when it times out (gloo raises
+        # "Operation timed out!"), so a short, repeatable wait polls instead.
+        entered = time.monotonic()
+        deadline = entered + timeout
+        try:
+            while not self.done():
+                if time.monotonic() >= deadline:
+                    return False
+                time.sleep(POLL_SECONDS)
+            return True
+        finally:
+            if timeout > 0:
+                self.stats.wait_seconds += time.monotonic() - entered
+
     def wait(self, timeout: float | None = None) -> torch.Tensor:
         if self._result is None:
-            start = time.monotonic()
+            entered = time.monotonic()
             if timeout is None:
-                self._work.wait()
-            else:
-                # Work.wait(timeout) fails the collective itself when it times out (gloo raises
-                # "Operation timed out!"), so a short, repeatable wait polls instead.
-                deadline = start + timeout
-                while not self._work.is_completed():
-                    if time.monotonic() >= deadline:
-                        raise ExchangeTimeout(
-                            f"all-reduce of step {self._step} did not finish within {timeout} s",
-                            step=self._step,
-                        )
-                    time.sleep(POLL_SECONDS)
-                self._work.wait()  # completed: surfaces a failed collective's error
+                try:
+                    self._work.wait()  # bounded by the process group's timeout
+                finally:
+                    self.stats.wait_seconds += time.monotonic() - entered
+            elif not self.wait_done(timeout):
+                raise ExchangeTimeout(
+                    f"all-reduce of step {self._step} did not finish within {timeout} s",
+                    step=self._step,
+                )
+            self._work.wait()  # completed: surfaces a failed collective's error
             self._result = self._buffer.div_(self._world_size)
-            self.stats.wait_seconds = time.monotonic() - start
             self.stats.bytes_received = self._buffer.numel() * self._buffer.element_size()
         return self._result
 

@@ -8,15 +8,15 @@ semantics (snapshots, retained versions, bounded staleness, deadlines).
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from typing import Any
 
 import torch
 
-from peer.errors import ExchangeTimeout, StepEvicted
+from peer.errors import ExchangeError, ExchangeTimeout, StepEvicted
 from peer.transport.base import (
     DEFAULT_DEADLINE_SECONDS,
     DEFAULT_RETAINED_VERSIONS,
@@ -24,6 +24,8 @@ from peer.transport.base import (
     CompletedHandle,
     ExchangeStats,
     Handle,
+    TopologyLike,
+    choose_step,
     damp_stale_weights,
     weighted_sum,
 )
@@ -40,7 +42,6 @@ class _Board:
         self.cond = threading.Condition()
         # (rank, name) -> OrderedDict[step, tensor], oldest first
         self.versions: dict[tuple[int, str], OrderedDict[int, torch.Tensor]] = {}
-        self.publish_times: dict[tuple[int, str, int], float] = {}
 
     def publish(
         self, rank: int, name: str, step: int, tensor: torch.Tensor, *, copy: bool = True
@@ -50,38 +51,26 @@ class _Board:
             retained = self.versions.setdefault((rank, name), OrderedDict())
             retained[step] = snapshot
             retained.move_to_end(step)
-            self.publish_times[(rank, name, step)] = time.monotonic()
             while len(retained) > self.retained_versions:
-                old_step, _ = retained.popitem(last=False)
-                self.publish_times.pop((rank, name, old_step), None)
+                retained.popitem(last=False)
             self.cond.notify_all()
 
     def lookup(
         self, src: int, name: str, step: int, max_staleness: int
     ) -> tuple[int, torch.Tensor] | None:
-        """Freshest acceptable version (exact step preferred); caller holds ``cond``."""
+        """Freshest acceptable version (:func:`~peer.transport.base.choose_step`); caller holds
+        ``cond``."""
         retained = self.versions.get((src, name))
         if not retained:
             return None
-        if step in retained:
-            return step, retained[step]
-        acceptable = [s for s in retained if step - max_staleness <= s <= step]
-        if acceptable:
-            best = max(acceptable)
-            return best, retained[best]
-        oldest = next(iter(retained))
-        if oldest > step:
-            raise StepEvicted(
-                f"peer {src} no longer retains {name!r} step {step} (oldest retained: {oldest})",
-                neighbor=src,
-                name=name,
-                step=step,
-                oldest_step=oldest,
-            )
-        return None
+        chosen = choose_step(list(retained), step, step - max_staleness, name=name, neighbor=src)
+        return None if chosen is None else (chosen, retained[chosen])
 
 
 class _InMemoryHandle(Handle):
+    """An in-memory exchange: finished once every source's vector is visible (mixed), or
+    failed once the exchange's deadline (from its start) has passed, or a step was evicted."""
+
     def __init__(
         self,
         board: _Board,
@@ -106,63 +95,96 @@ class _InMemoryHandle(Handle):
         self._deadline_seconds = deadline_seconds
         self._delay_for = delay_for
         self._started = time.monotonic()
+        self._deadline = self._started + deadline_seconds
+        self._received: dict[int, torch.Tensor] = {}
         self._result: torch.Tensor | None = None
-        self._lock = threading.Lock()
+        self._error: ExchangeError | None = None
         self.stats = ExchangeStats()
 
     def _ready_at(self, src: int) -> float:
         # A simulated slow link makes a vector visible only `delay` seconds after the fetch began.
         return self._started + self._delay_for(src)
 
-    def done(self) -> bool:
-        if self._result is not None:
-            return True
-        now = time.monotonic()
-        with self._board.cond:
-            for src in self._weights:
-                if now < self._ready_at(src):
-                    return False
-                if self._board.lookup(src, self._name, self._step, self._max_staleness) is None:
-                    return False
-        return True
+    def _advance(self, now: float) -> float | None:
+        """Take every vector visible at ``now``; finish (result or error) when possible.
 
-    def wait(self, timeout: float | None = None) -> torch.Tensor:
-        with self._lock:
-            if self._result is not None:
-                return self._result
-            entered = time.monotonic()
-            budget = self._deadline_seconds if timeout is None else timeout
-            deadline = entered + budget
-            received: dict[int, torch.Tensor] = {}
-            with self._board.cond:
-                for src in self._weights:
-                    while True:
-                        found = self._board.lookup(src, self._name, self._step, self._max_staleness)
-                        now = time.monotonic()
-                        ready_at = self._ready_at(src)
-                        if found is not None and now >= ready_at:
-                            used_step, tensor = found
-                            received[src] = tensor
-                            self.stats.used_steps[src] = used_step
-                            self.stats.latency_seconds[src] = now - self._started
-                            self.stats.bytes_received += tensor.numel() * tensor.element_size()
-                            break
-                        if now >= deadline:
-                            raise ExchangeTimeout(
-                                f"no {self._name!r} step {self._step} from peer {src} within "
-                                f"{budget:.3g} s",
-                                neighbor=src,
-                                name=self._name,
-                                step=self._step,
-                            )
-                        wake = deadline if found is None else min(deadline, ready_at)
-                        self._board.cond.wait(timeout=max(0.0, wake - now))
+        The caller holds the board's condition. Returns when to look again, or None once the
+        exchange has finished.
+        """
+        if self._result is not None or self._error is not None:
+            return None
+        wake = self._deadline
+        missing = []
+        for src in self._weights:
+            if src in self._received:
+                continue
+            try:
+                found = self._board.lookup(src, self._name, self._step, self._max_staleness)
+            except StepEvicted as exc:
+                self._error = exc
+                return None
+            ready_at = self._ready_at(src)
+            if found is not None and now >= ready_at:
+                used_step, tensor = found
+                self._received[src] = tensor
+                self.stats.used_steps[src] = used_step
+                self.stats.latency_seconds[src] = now - self._started
+                self.stats.bytes_received += tensor.numel() * tensor.element_size()
+                continue
+            if found is not None:
+                wake = min(wake, ready_at)
+            missing.append(src)
+        if not missing:
             self_weight, weights = damp_stale_weights(
                 self._self_weight, self._weights, self.stats.used_steps, self._step
             )
-            self._result = weighted_sum(self._own, self_weight, received, weights, self._rank)
-            self.stats.wait_seconds = time.monotonic() - entered
-            return self._result
+            self._result = weighted_sum(self._own, self_weight, self._received, weights, self._rank)
+            return None
+        if now >= self._deadline:
+            self._error = self._timeout(missing[0], self._deadline_seconds)
+            return None
+        return wake
+
+    def _timeout(self, src: int, seconds: float) -> ExchangeTimeout:
+        return ExchangeTimeout(
+            f"no {self._name!r} step {self._step} from peer {src} within {seconds:.3g} s",
+            neighbor=src,
+            name=self._name,
+            step=self._step,
+        )
+
+    def _block(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the exchange to finish; True once it has."""
+        entered = time.monotonic()
+        until = entered + timeout
+        try:
+            with self._board.cond:
+                while True:
+                    now = time.monotonic()
+                    wake = self._advance(now)
+                    if wake is None:
+                        return True
+                    if now >= until:
+                        return False
+                    self._board.cond.wait(timeout=max(0.0, min(wake, until) - now))
+        finally:
+            if timeout > 0:
+                self.stats.wait_seconds += time.monotonic() - entered
+
+    def done(self) -> bool:
+        return self._block(0.0)
+
+    def wait_done(self, timeout: float) -> bool:
+        return self._block(timeout)
+
+    def wait(self, timeout: float | None = None) -> torch.Tensor:
+        finished = self._block(math.inf if timeout is None else timeout)
+        if self._error is not None:
+            raise self._error
+        if not finished or self._result is None:
+            missing = min(j for j in self._weights if j not in self._received)
+            raise self._timeout(missing, time.monotonic() - self._started)
+        return self._result
 
 
 class InMemoryFabric:
@@ -183,7 +205,7 @@ class InMemoryFabric:
     def __init__(
         self,
         world_size: int,
-        topology: Any = None,
+        topology: TopologyLike | None = None,
         *,
         retained_versions: int = DEFAULT_RETAINED_VERSIONS,
         deadline_seconds: float = DEFAULT_DEADLINE_SECONDS,

@@ -29,7 +29,8 @@ from peer.transport.grpc.framing import checksum, chunk_count, split_ranges
 from peer.transport.grpc.metrics import ExchangeMetrics
 from peer.transport.grpc.proto.decentlam.v1 import peer_pb2 as pb
 from peer.transport.grpc.security import TlsConfig, call_metadata, channel_credentials
-from peer.transport.grpc.server import OLDEST_STEP_KEY, SERVER_MIN_PING_INTERVAL_MS, SERVICE_NAME
+from peer.transport.grpc.server import OLDEST_STEP_KEY, SERVER_MIN_PING_INTERVAL_MS
+from peer.transport.grpc.service import client_callables
 from peer.transport.grpc.store import PeerState, unpack_state
 from peer.transport.grpc.wire import (
     Expectation,
@@ -114,21 +115,15 @@ class PeerClient:
         self.metrics = metrics
         self._channel = channel
         self._metadata = call_metadata(token, rank)
-        self._fetch = channel.unary_stream(
-            f"/{SERVICE_NAME}/Fetch",
-            request_serializer=pb.FetchRequest.SerializeToString,
-            response_deserializer=decode_fetch_response,
+        rpcs = client_callables(
+            channel,
+            {
+                "Fetch": decode_fetch_response,
+                "Info": pb.InfoResponse.FromString,
+                "GetState": decode_state_response,
+            },
         )
-        self._info = channel.unary_unary(
-            f"/{SERVICE_NAME}/Info",
-            request_serializer=pb.InfoRequest.SerializeToString,
-            response_deserializer=pb.InfoResponse.FromString,
-        )
-        self._get_state = channel.unary_stream(
-            f"/{SERVICE_NAME}/GetState",
-            request_serializer=pb.GetStateRequest.SerializeToString,
-            response_deserializer=decode_state_response,
-        )
+        self._fetch, self._info, self._get_state = rpcs["Fetch"], rpcs["Info"], rpcs["GetState"]
 
     @classmethod
     async def create(
@@ -197,9 +192,9 @@ class PeerClient:
         try:
             async for message in call:
                 assembler.feed(message)
-                if header_seen is not None and not header_seen.done():
-                    assert assembler.header is not None  # feed() requires the header first
-                    header_seen.set_result(assembler.header.step)
+                header = assembler.header  # feed() accepts chunks only after the header
+                if header_seen is not None and header is not None and not header_seen.done():
+                    header_seen.set_result(header.step)
             assembler.finish()
         finally:
             if not call.done():
@@ -270,7 +265,8 @@ class PeerClient:
                 task.cancel()
         verify_checksum(assemblers, name)
         header = first.header
-        assert header is not None
+        if header is None:  # finish() refuses a stream without a header: cannot happen
+            raise WireError(f"no header in the {name!r} stream from peer {self.neighbor}")
         return header.step, sum(a.received_chunks for a in assemblers)
 
     async def fetch_into(

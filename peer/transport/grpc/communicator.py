@@ -27,7 +27,6 @@ import logging
 import threading
 import time
 from collections.abc import Mapping
-from typing import Any
 
 import torch
 from prometheus_client import CollectorRegistry
@@ -38,6 +37,7 @@ from peer.transport.base import (
     CompletedHandle,
     ExchangeStats,
     Handle,
+    TopologyLike,
     damp_stale_weights,
     weighted_sum,
 )
@@ -73,7 +73,9 @@ class GrpcHandle(Handle):
         self._own = own
         self._self_weight = self_weight
         self._weights = weights
-        self._deadline = time.monotonic() + deadline_seconds
+        self._started = time.monotonic()
+        self._deadline = self._started + deadline_seconds
+        self._wait_recorded = False
         self._future = future
         self._pending = pending
         self._result: torch.Tensor | None = None
@@ -81,6 +83,16 @@ class GrpcHandle(Handle):
         self.stats = ExchangeStats()
 
     def done(self) -> bool:
+        return self._future.done()
+
+    def wait_done(self, timeout: float) -> bool:
+        if self._future.done():
+            return True
+        entered = time.monotonic()
+        try:
+            concurrent.futures.wait((self._future,), timeout=max(0.0, timeout))
+        finally:
+            self.stats.wait_seconds += time.monotonic() - entered
         return self._future.done()
 
     def wait(self, timeout: float | None = None) -> torch.Tensor:
@@ -92,16 +104,21 @@ class GrpcHandle(Handle):
             budget = self._deadline - entered + 1.0 if timeout is None else timeout
             try:
                 received = self._future.result(max(0.0, budget))
-            except concurrent.futures.TimeoutError:
-                src = min(self._pending, default=min(self._weights))
-                raise ExchangeTimeout(
-                    f"no {self._name!r} step {self._step} from peer {src} within {budget:.3g} s",
-                    neighbor=src,
-                    name=self._name,
-                    step=self._step,
-                ) from None
-            finally:
-                self._comm.metrics.waited(time.monotonic() - entered)
+            except BaseException:
+                self.stats.wait_seconds += time.monotonic() - entered
+                if not self._future.done():  # still in flight after the caller's timeout
+                    src = min(self._pending, default=min(self._weights))
+                    waited = time.monotonic() - self._started
+                    raise ExchangeTimeout(
+                        f"no {self._name!r} step {self._step} from peer {src} within "
+                        f"{waited:.3g} s",
+                        neighbor=src,
+                        name=self._name,
+                        step=self._step,
+                    ) from None
+                self._record_wait()  # the exchange failed: its own error goes up
+                raise
+            self.stats.wait_seconds += time.monotonic() - entered
             others = {
                 j: r.tensor.to(self._own.device, non_blocking=True) for j, r in received.items()
             }
@@ -114,8 +131,14 @@ class GrpcHandle(Handle):
                 self.stats.used_steps[j] = r.step
                 self.stats.latency_seconds[j] = r.latency_seconds
                 self.stats.bytes_received += r.nbytes
-            self.stats.wait_seconds = time.monotonic() - entered
+            self._record_wait()
             return self._result
+
+    def _record_wait(self) -> None:
+        """One histogram sample per exchange: the total time callers were blocked on it."""
+        if not self._wait_recorded:
+            self._wait_recorded = True
+            self._comm.metrics.waited(self.stats.wait_seconds)
 
 
 class GrpcCommunicator(Communicator):
@@ -125,7 +148,7 @@ class GrpcCommunicator(Communicator):
         self,
         rank: int,
         world_size: int,
-        topology: Any,
+        topology: TopologyLike | None,
         config: ExchangeConfig,
         loop_thread: LoopThread,
         node: PeerNode,
@@ -146,7 +169,7 @@ class GrpcCommunicator(Communicator):
         rank: int,
         peers: Mapping[int, str],
         *,
-        topology: Any = None,
+        topology: TopologyLike | None = None,
         config: ExchangeConfig | None = None,
         bind: str = "127.0.0.1:0",
         world_size: int | None = None,

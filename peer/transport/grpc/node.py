@@ -10,6 +10,7 @@ training loop uses is :class:`peer.transport.grpc.communicator.GrpcCommunicator`
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from collections.abc import Mapping
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 
 from peer.errors import PeerUnavailable
+from peer.transport.base import TopologyLike
 from peer.transport.grpc.client import PeerClient
 from peer.transport.grpc.metrics import ExchangeMetrics
 from peer.transport.grpc.security import ReadPolicy, TlsConfig
@@ -154,7 +156,7 @@ class PeerNode:
         cls,
         rank: int,
         world_size: int,
-        topology: Any,
+        topology: TopologyLike | None,
         config: ExchangeConfig,
         bind: str,
         metrics: ExchangeMetrics,
@@ -263,9 +265,19 @@ class PeerNode:
                 task.cancel()
 
     async def close(self) -> None:
-        """Stop the server (with grace) and close every channel."""
-        if self.server is not None:
-            await self.server.stop(self.config.close_grace_seconds)
-        for client in self.clients.values():
-            await client.close()
+        """Stop the server (with grace), close every channel and release them, on the loop.
+
+        Releasing matters: grpc.aio shuts its core down (joining its poller thread) when the
+        last server or channel object is freed. Freed here, that happens while this loop still
+        runs; left to interpreter exit, it happens after the loop is gone, which can hang the
+        process (grpc/grpc#40447).
+        """
+        server, self.server = self.server, None
+        if server is not None:
+            await server.stop(self.config.close_grace_seconds)
+        clients = list(self.clients.values())
         self.clients.clear()
+        for client in clients:
+            await client.close()
+        del server, clients
+        gc.collect()  # grpc.aio objects sit in reference cycles: free them now, on the loop

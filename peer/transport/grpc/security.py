@@ -26,7 +26,7 @@ from typing import Any
 
 import grpc
 
-from peer.transport.base import GLOBAL_PREFIX
+from peer.transport.base import GLOBAL_PREFIX, TopologyLike, neighbors_over_period
 
 logger = logging.getLogger(__name__)
 
@@ -71,19 +71,16 @@ class ReadPolicy:
     Args:
         rank: the serving peer.
         world_size: peers of the run are ranks ``0 .. world_size - 1``.
-        topology: object with ``view(rank, k).out_neighbors`` and ``period``; ``None`` (explicit
+        topology: the run's topology (its out-neighbours over a period may read); ``None`` (explicit
             weights everywhere) lets any peer of the run read every vector.
     """
 
-    def __init__(self, rank: int, world_size: int, topology: Any = None) -> None:
+    def __init__(self, rank: int, world_size: int, topology: TopologyLike | None = None) -> None:
         self.rank = rank
         self.world_size = world_size
         self.readers: frozenset[int] | None = None
         if topology is not None:
-            period = int(getattr(topology, "period", 1))
-            readers: set[int] = set()
-            for k in range(period):
-                readers.update(int(j) for j in topology.view(rank, k).out_neighbors)
+            readers = neighbors_over_period(topology, rank, incoming=False, outgoing=True)
             self.readers = frozenset(readers)
 
     def is_peer(self, rank: int | None) -> bool:

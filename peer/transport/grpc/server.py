@@ -20,12 +20,11 @@ import concurrent.futures
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import grpc
-from google.protobuf.message import DecodeError
 
 from peer.errors import StepEvicted, WireError
 from peer.transport.grpc.framing import DEFAULT_CHECKSUM, checksum, chunk_count, iter_chunks
@@ -38,6 +37,7 @@ from peer.transport.grpc.security import (
     caller_rank,
     server_credentials,
 )
+from peer.transport.grpc.service import server_handler
 from peer.transport.grpc.store import StateProvider, VersionStore, pack_state
 from peer.transport.grpc.throttle import BandwidthLimiter
 from peer.transport.grpc.wire import (
@@ -48,13 +48,11 @@ from peer.transport.grpc.wire import (
     header_to_pb,
     info_to_pb,
     query_from_pb,
-    serialize_message,
     state_header_to_pb,
 )
 
 logger = logging.getLogger(__name__)
 
-SERVICE_NAME = "decentlam.v1.Peer"
 OLDEST_STEP_KEY = "x-decentlam-oldest-step"
 # The server lets clients ping every 10 s without data; clients ping every 20 s (client.py), so
 # neighbours never earn a GOAWAY "too_many_pings".
@@ -103,18 +101,6 @@ class ServedPeer:
     state_provider: StateProvider | None = field(default=None, repr=False)
 
 
-def _lenient(parse: Callable[[bytes], T]) -> Callable[[bytes], T | None]:
-    """Request deserializer that yields None for undecodable bytes (answered INVALID_ARGUMENT)."""
-
-    def deserialize(data: bytes) -> T | None:
-        try:
-            return parse(data)
-        except (DecodeError, ValueError):
-            return None
-
-    return deserialize
-
-
 async def _require(request: object, context: grpc.aio.ServicerContext) -> None:
     if request is None:
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "undecodable request")
@@ -141,6 +127,7 @@ class PeerServicer:
             query = query_from_pb(request)
         except WireError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            return  # abort raises; the return says so to readers and type checkers
         if (
             caller is None
             or query.caller_rank != caller
@@ -150,6 +137,7 @@ class PeerServicer:
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"peer {caller} may not read {query.name!r} from peer {peer.rank}",
             )
+            return
         remaining = context.time_remaining()
         wait_seconds = peer.default_wait_seconds if remaining is None else remaining
         try:
@@ -159,12 +147,14 @@ class PeerServicer:
         except StepEvicted as exc:
             context.set_trailing_metadata(((OLDEST_STEP_KEY, str(exc.oldest_step)),))
             await context.abort(grpc.StatusCode.OUT_OF_RANGE, f"peer {peer.rank}: {exc}")
+            return
         except TimeoutError:
             await context.abort(
                 grpc.StatusCode.DEADLINE_EXCEEDED,
                 f"peer {peer.rank} published no {query.name!r} in steps "
                 f"[{query.min_step}, {query.step}] within {wait_seconds:.3g} s",
             )
+            return
         total = version.total_bytes
         offset = query.range_offset
         length = query.range_length or max(0, total - offset)
@@ -173,6 +163,7 @@ class PeerServicer:
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"range {offset}+{length} outside the {total}-byte payload of {query.name!r}",
             )
+            return
         chunk_bytes = self._chunk_bytes(query.max_chunk_bytes)
         await version.wait_ready()
         header = VersionHeader(
@@ -195,7 +186,6 @@ class PeerServicer:
             if limiter is not None:
                 await limiter.acquire(len(piece))
             yield encode_chunk(piece)
-        assert caller is not None  # rejected above otherwise
         peer.metrics.served(caller, length, header.chunk_count)
         peer.metrics.handled("Fetch", time.perf_counter() - started)
 
@@ -230,7 +220,7 @@ class PeerServicer:
                 f"peer {peer.rank} has no state provider registered "
                 "(the training loop must call set_state_provider first)",
             )
-        assert provider is not None  # context.abort raised otherwise
+            return
         step, state = await asyncio.to_thread(provider)
         is_blob, entries, payload = await asyncio.to_thread(pack_state, state)
         chunk_bytes = self._chunk_bytes(request.max_chunk_bytes)
@@ -252,26 +242,9 @@ class PeerServicer:
         peer.metrics.handled("GetState", time.perf_counter() - started)
 
     def generic_handler(self) -> grpc.GenericRpcHandler:
-        """Method handlers of the service, with the pass-through chunk serializer."""
-        return grpc.method_handlers_generic_handler(
-            SERVICE_NAME,
-            {
-                "Fetch": grpc.unary_stream_rpc_method_handler(
-                    self.rpc_fetch,
-                    request_deserializer=_lenient(pb.FetchRequest.FromString),
-                    response_serializer=serialize_message,
-                ),
-                "Info": grpc.unary_unary_rpc_method_handler(
-                    self.rpc_info,
-                    request_deserializer=_lenient(pb.InfoRequest.FromString),
-                    response_serializer=pb.InfoResponse.SerializeToString,
-                ),
-                "GetState": grpc.unary_stream_rpc_method_handler(
-                    self.rpc_get_state,
-                    request_deserializer=_lenient(pb.GetStateRequest.FromString),
-                    response_serializer=serialize_message,
-                ),
-            },
+        """Method handlers of the service (:func:`peer.transport.grpc.service.server_handler`)."""
+        return server_handler(
+            {"Fetch": self.rpc_fetch, "Info": self.rpc_info, "GetState": self.rpc_get_state}
         )
 
 

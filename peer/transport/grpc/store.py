@@ -7,7 +7,8 @@ version into a pinned buffer, issued on a side CUDA stream and fenced by an even
 the same code with that copy skipped (the device clone is the host buffer).
 
 :class:`VersionStore` lives on the server's event loop. It keeps the last ``retained_versions``
-steps per name, wakes waiting requests through an :class:`asyncio.Event` (no polling), and
+steps per name, wakes the requests waiting for a name through that name's :class:`asyncio.Event` (no
+polling), and
 answers lookups with the peer.transport.base staleness semantics: exact step preferred, else the
 freshest
 retained step in ``[min_step, step]``, else :class:`~peer.errors.StepEvicted` when the step is
@@ -18,19 +19,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
 
-from peer.errors import StepEvicted, WireError
+from peer.errors import WireError
+from peer.transport.base import choose_step
 from peer.transport.grpc.framing import DEFAULT_CHECKSUM, checksum
 from peer.transport.grpc.wire import StateEntry, StateHeader, dtype_name, parse_dtype
 
 logger = logging.getLogger(__name__)
 
+# One CUDA copy stream per device, created on first use by whichever thread snapshots first
+# (the training thread, or an autograd hook on backward's thread): guarded by a lock.
 _side_streams: dict[int, torch.cuda.Stream] = {}
+_side_streams_lock = threading.Lock()
 
 
 def byte_view(tensor: torch.Tensor) -> memoryview:
@@ -40,9 +46,11 @@ def byte_view(tensor: torch.Tensor) -> memoryview:
 
 def _side_stream(device: torch.device) -> torch.cuda.Stream:
     index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _side_streams:
-        _side_streams[index] = torch.cuda.Stream(device=index)
-    return _side_streams[index]
+    with _side_streams_lock:
+        stream = _side_streams.get(index)
+        if stream is None:
+            stream = _side_streams[index] = torch.cuda.Stream(device=index)
+        return stream
 
 
 @dataclass(eq=False)
@@ -139,8 +147,8 @@ class VersionStore:
             raise ValueError(f"retained_versions must be >= 1, got {retained_versions}")
         self.retained_versions = retained_versions
         self._versions: dict[str, OrderedDict[int, Version]] = {}
-        # Set (and replaced by a fresh one) on every insert: waiters re-check on each wake-up.
-        self._published = asyncio.Event()
+        # Per name: set (and dropped) on every insert of that name; its waiters then re-check.
+        self._published: dict[str, asyncio.Event] = {}
 
     def insert(self, version: Version) -> None:
         """Retain ``version`` (evicting the oldest beyond K) and wake waiting requests."""
@@ -150,11 +158,13 @@ class VersionStore:
         while len(retained) > self.retained_versions:
             retained.popitem(last=False)
         version.checksum()  # start it now so that it is ready when neighbours ask
-        published, self._published = self._published, asyncio.Event()
-        published.set()
+        published = self._published.pop(version.name, None)
+        if published is not None:
+            published.set()
 
     def lookup(self, name: str, step: int, min_step: int) -> Version | None:
-        """Freshest retained version with step in ``[min_step, step]``, or None if not yet.
+        """Freshest retained version with step in ``[min_step, step]``, or None if not yet
+        (:func:`peer.transport.base.choose_step`).
 
         Raises:
             StepEvicted: ``step`` is older than the oldest retained step of ``name``.
@@ -162,23 +172,13 @@ class VersionStore:
         retained = self._versions.get(name)
         if not retained:
             return None
-        if step in retained:
-            return retained[step]
-        acceptable = [s for s in retained if min_step <= s <= step]
-        if acceptable:
-            return retained[max(acceptable)]
-        oldest = next(iter(retained))
-        if oldest > step:
-            raise StepEvicted(
-                f"{name!r} step {step} is no longer retained (oldest retained: {oldest})",
-                name=name,
-                step=step,
-                oldest_step=oldest,
-            )
-        return None
+        chosen = choose_step(list(retained), step, min_step, name=name)
+        return None if chosen is None else retained[chosen]
 
     async def wait_for(self, name: str, step: int, min_step: int, timeout: float) -> Version:
         """Wait up to ``timeout`` seconds for an acceptable version (see :meth:`lookup`).
+
+        Only publishes of ``name`` wake the wait.
 
         Raises:
             TimeoutError: none was published in time.
@@ -191,7 +191,8 @@ class VersionStore:
             if found is not None:
                 return found
             # No await between the lookup and taking the event: an insert cannot slip between.
-            await asyncio.wait_for(self._published.wait(), timeout=max(0.0, deadline - loop.time()))
+            published = self._published.setdefault(name, asyncio.Event())
+            await asyncio.wait_for(published.wait(), timeout=max(0.0, deadline - loop.time()))
 
     def export(self, min_step: int) -> dict[str, dict[int, Version]]:
         """Retained versions with step >= ``min_step``, per name (for checkpoints)."""

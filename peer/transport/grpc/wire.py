@@ -40,7 +40,6 @@ from peer.transport.grpc.proto.decentlam.v1 import peer_pb2 as pb
 logger = logging.getLogger(__name__)
 
 CHUNK_TAG = 0x12  # field 2 (`chunk`), wire type 2 (length-delimited)
-CHECKSUM_CRC32 = pb.CHECKSUM_KIND_CRC32
 CHECKSUM_KINDS = {CRC32: pb.CHECKSUM_KIND_CRC32, CRC32C: pb.CHECKSUM_KIND_CRC32C}
 CHECKSUM_NAMES = {value: name for name, value in CHECKSUM_KINDS.items()}
 STATE_BLOB = pb.STATE_KIND_BLOB

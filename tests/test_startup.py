@@ -1,0 +1,82 @@
+"""Start-up of a peer: a stop request ends the start-up waits at once, and the error names the
+neighbours that are missing (a one-line PeerSetupError, not a traceback)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from peer.process import PeerSetupError, check_identical_init, wait_for_neighbors
+from peer.transport.grpc.communicator import GrpcCommunicator
+from tests.conftest import GrpcPeers, ShiftTopology
+from tests.test_cluster import write_manifest
+
+
+def _stop_after(seconds: float) -> threading.Event:
+    stop = threading.Event()
+    timer = threading.Timer(seconds, stop.set)
+    timer.daemon = True
+    timer.start()
+    return stop
+
+
+def test_digest_wait_ends_on_stop_and_names_the_silent_neighbour(grpc_peers: GrpcPeers) -> None:
+    a, _b = grpc_peers(2, topology=ShiftTopology(2))  # b is up but never publishes a digest
+    model = torch.nn.Linear(3, 1)
+    started = time.monotonic()
+    with pytest.raises(PeerSetupError, match=r"digest from peers \[1\].*still starting"):
+        check_identical_init(a, ShiftTopology(2), model, _stop_after(0.3))
+    assert time.monotonic() - started < 3.0
+
+
+def test_neighbour_wait_ends_on_stop_and_names_the_missing_one() -> None:
+    gone = GrpcCommunicator.start(1, {}, world_size=2)
+    address = gone.address
+    gone.close()
+    comm = GrpcCommunicator.start(0, {1: address}, world_size=2)
+    try:
+        started = time.monotonic()
+        with pytest.raises(PeerSetupError, match=f"stopped during start-up.*1 at {address}"):
+            wait_for_neighbors(comm, 30.0, _stop_after(0.3))
+        assert time.monotonic() - started < 3.0
+    finally:
+        comm.close()
+
+
+@pytest.mark.slow
+def test_sigterm_while_neighbours_are_missing_exits_at_once_naming_them(tmp_path: Path) -> None:
+    """Peer 0 of a 4-ring runs alone; SIGTERM ends its wait for peers 1 and 3 within seconds."""
+    manifest = write_manifest(tmp_path / "m.yaml", algorithm="dsgd", graph="ring", steps=5)
+    peer = subprocess.Popen(
+        [sys.executable, "-m", "launcher.cli", "--log-level", "info", "peer", "--manifest",
+         str(manifest), "--rank", "0", "--out", str(tmp_path / "out")],
+        stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    try:
+        assert peer.stderr is not None
+        for line in peer.stderr:
+            if "serving on port" in line:
+                break
+        time.sleep(0.5)
+        peer.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        stderr = peer.stderr.read()
+        peer.wait(timeout=20)
+        assert time.monotonic() - started < 5.0, "the stop was not seen during start-up"
+    finally:
+        if peer.poll() is None:
+            peer.kill()
+            peer.wait()
+    assert peer.returncode == 2, stderr
+    assert "Traceback" not in stderr, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("decentlam: error:")]
+    assert len(errors) == 1 and "stopped during start-up" in errors[0], stderr
+    assert " 1 at 127.0.0.1:" in errors[0] and " 3 at 127.0.0.1:" in errors[0], errors[0]
