@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from peer.errors import StepEvicted, WireError
+from peer.transport.grpc.framing import DEFAULT_CHECKSUM, checksum
 from peer.transport.grpc.store import VersionStore, pack_state, snapshot, unpack_state
 from peer.transport.grpc.wire import StateHeader
 
@@ -67,10 +68,12 @@ async def test_publish_wakes_only_the_waiters_of_its_name() -> None:
     assert looked_up.count("a") == 2
 
 
-async def test_checksum_computed_once_per_version() -> None:
+async def test_encoding_and_checksum_prepared_once_per_version() -> None:
     v = version(1, value=3.0)
-    assert v.checksum() is v.checksum()
-    assert await v.checksum() == await v.checksum()
+    assert v.encoding() is v.encoding() is v.encoding("float32")
+    encoding = await v.encoding()
+    assert encoding.checksum() is encoding.checksum()
+    assert await encoding.checksum() == checksum(DEFAULT_CHECKSUM, v.payload)
 
 
 def test_snapshot_is_independent_of_later_mutation() -> None:

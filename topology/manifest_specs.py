@@ -73,6 +73,7 @@ Algorithm = Literal["decentlam", "dmsgd", "dsgd", "pmsgd", "awc-dmsgd", "qg-dmsg
 LrScheduleName = Literal["constant", "warmup", "step", "cosine"]
 Dtype = Literal["float32", "float64"]
 Weights = Literal["auto", "uniform", "metropolis", "explicit"]
+WireDtype = Literal["float32", "bfloat16", "float16"]
 SymmetryPolicy = Literal["warn", "error", False]
 
 ALGORITHMS: tuple[str, ...] = typing.get_args(Algorithm)
@@ -489,6 +490,13 @@ class ExchangeSpec:
     bucket_bytes: Annotated[
         StrictInt, Field(ge=1, description="Bytes of parameters per exchanged bucket.")
     ] = 4 << 20
+    wire_dtype: Annotated[
+        WireDtype,
+        Field(
+            description="Element type float32 vectors travel in (rounded once per published "
+            "version, widened by the receiver); the same on every peer."
+        ),
+    ] = "float32"
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form, as written in the manifest."""

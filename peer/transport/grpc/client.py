@@ -2,11 +2,12 @@
 
 :class:`PeerClient` wraps one ``grpc.aio`` channel to one neighbour (``call_*`` methods).
 A fetch writes the received chunks straight into a preallocated buffer (the chunk deserializer
-returns memoryviews of the received message, no protobuf parse), validates every message with
+returns memoryviews of the received message, no protobuf parse; a payload rounded to a narrower
+wire dtype is widened chunk by chunk into the same buffer), validates every message with
 :class:`peer.transport.grpc.wire.RangeAssembler`, and, for large vectors, splits the payload into
-byte ranges
-fetched as parallel streams on the same channel. UNAVAILABLE is retried with exponential backoff
-inside the fetch deadline; every other failure maps to a typed :mod:`peer.errors` exception.
+byte ranges fetched as parallel streams on the same channel. UNAVAILABLE is retried with
+exponential backoff inside the fetch deadline; every other failure maps to a typed
+:mod:`peer.errors` exception.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import logging
 from dataclasses import dataclass
 
 import grpc
+import torch
 
 from peer.errors import (
     AuthError,
@@ -41,6 +43,7 @@ from peer.transport.grpc.wire import (
     StateHeader,
     decode_fetch_response,
     decode_state_response,
+    element_size,
     info_from_pb,
     query_to_pb,
     verify_checksum,
@@ -210,8 +213,10 @@ class PeerClient:
         chunk_bytes: int,
         parallel_streams: int,
         timeout: float,
-    ) -> tuple[int, int]:
-        total = len(dest)
+        widen_into: torch.Tensor | None,
+    ) -> tuple[int, int, int]:
+        wire = expect_like.payload_dtype
+        total = len(dest) if widen_into is None else widen_into.numel() * element_size(wire)
         parts = max(1, min(parallel_streams, total // MIN_RANGE_BYTES))
         ranges = split_ranges(total, parts, chunk_bytes)
 
@@ -226,14 +231,18 @@ class PeerClient:
                 range_offset=offset,
                 range_length=length,
                 max_chunk_bytes=chunk_bytes,
+                wire_dtype=expect_like.wire_dtype,
+                verify=expect_like.verify,
             )
-            return RangeAssembler(expect, dest)
+            return RangeAssembler(expect, dest, widen_into)
 
         def query_for(offset: int, length: int, lo: int, hi: int) -> FetchQuery:
             # The last range asks "to the end" so a size mismatch is reported from the header
             # (shape, dtype, total_bytes) instead of as a range the server refuses.
             open_ended = 0 if offset + length == total else length
-            return FetchQuery(self.rank, name, hi, lo, chunk_bytes, offset, open_ended)
+            return FetchQuery(
+                self.rank, name, hi, lo, chunk_bytes, offset, open_ended, expect_like.wire_dtype
+            )
 
         first = assembler_for(*ranges[0], min_step, step)
         header_seen: asyncio.Future[int] = asyncio.get_running_loop().create_future()
@@ -267,7 +276,8 @@ class PeerClient:
         header = first.header
         if header is None:  # finish() refuses a stream without a header: cannot happen
             raise WireError(f"no header in the {name!r} stream from peer {self.neighbor}")
-        return header.step, sum(a.received_chunks for a in assemblers)
+        received = sum(a.received_bytes for a in assemblers)
+        return header.step, received, sum(a.received_chunks for a in assemblers)
 
     async def fetch_into(
         self,
@@ -283,6 +293,9 @@ class PeerClient:
         deadline: float,
         backoff_seconds: float,
         max_retries: int,
+        wire_dtype: str = "",
+        widen_into: torch.Tensor | None = None,
+        verify_checksum: bool = True,
     ) -> FetchResult:
         """Fetch the neighbour's ``name`` with step in ``[min_step, step]`` into ``dest``.
 
@@ -298,15 +311,29 @@ class PeerClient:
             deadline: ``loop.time()`` by which the fetch must be complete.
             backoff_seconds: first retry delay after UNAVAILABLE (doubles each retry).
             max_retries: most retries after UNAVAILABLE.
+            wire_dtype: element type to ask the payload in ("" = ``dtype``).
+            widen_into: ``dest`` as a flat ``dtype`` tensor; required when ``wire_dtype``
+                differs from ``dtype`` (received chunks are widened into it).
+            verify_checksum: checksum the received bytes against the header (False where TLS
+                already protects them or the user opted out).
 
         Returns:
-            The step served, bytes and chunks received and retries used.
+            The step served, wire bytes and chunks received and retries used.
 
         Raises:
             ExchangeTimeout, StepEvicted, AuthError, WireError, PeerUnavailable.
         """
         loop = asyncio.get_running_loop()
-        like = Expectation(self.neighbor, name, min_step, step, dtype, shape, 0, 0, chunk_bytes)
+        wire = "" if wire_dtype in ("", dtype) else wire_dtype
+        if wire:
+            if widen_into is None:
+                raise ValueError(f"a {wire} wire payload needs widen_into (the {dtype} tensor)")
+            item = element_size(wire)
+            chunk_bytes = max(item, chunk_bytes - chunk_bytes % item)  # whole elements
+        like = Expectation(
+            self.neighbor, name, min_step, step, dtype, shape, 0, 0, chunk_bytes,
+            wire_dtype=wire, verify=verify_checksum,
+        )  # fmt: skip
         retries = 0
         while True:
             timeout = deadline - loop.time()
@@ -318,10 +345,18 @@ class PeerClient:
                         name=name,
                         step=step,
                     )
-                served, chunks = await self._fetch_once(
-                    name, step, min_step, dest, like, chunk_bytes, parallel_streams, timeout
+                served, nbytes, chunks = await self._fetch_once(
+                    name,
+                    step,
+                    min_step,
+                    dest,
+                    like,
+                    chunk_bytes,
+                    parallel_streams,
+                    timeout,
+                    widen_into if wire else None,
                 )
-                return FetchResult(served, len(dest), chunks, retries)
+                return FetchResult(served, nbytes, chunks, retries)
             except grpc.aio.AioRpcError as exc:
                 retry_in = backoff_seconds * (2**retries)
                 if (

@@ -259,7 +259,7 @@ class GrpcCommunicator(Communicator):
     ) -> torch.Tensor:
         """Publish ``tensor`` as ``(name, step)`` without fetching; returns the snapshot
         (``tensor`` itself with ``copy=False``: the caller no longer modifies it)."""
-        own, version = snapshot(tensor, name, step, copy=copy)
+        own, version = snapshot(tensor, name, step, copy=copy, wire_dtype=self.config.wire_dtype)
         self._loop_thread.loop.call_soon_threadsafe(self._node.served.store.insert, version)
         return own
 
@@ -298,6 +298,7 @@ class GrpcCommunicator(Communicator):
         *,
         max_staleness: int = 0,
         timeout: float | None = None,
+        out: torch.Tensor | None = None,
     ) -> tuple[int, torch.Tensor]:
         """Fetch one neighbour's version of ``name`` (blocking; no publish, no mixing).
 
@@ -308,15 +309,19 @@ class GrpcCommunicator(Communicator):
             like: tensor with the expected shape and dtype (and destination device kind).
             max_staleness: accept steps ``[step - max_staleness, step]``.
             timeout: deadline in seconds (default: ``fetch_deadline_seconds``).
+            out: contiguous CPU tensor shaped like ``like`` to receive into (reused buffers
+                avoid the page faults of a fresh allocation); None allocates one.
 
         Returns:
-            ``(step_served, tensor)``.
+            ``(step_served, tensor)`` (``tensor`` is ``out`` when given).
         """
         seconds = self.config.fetch_deadline_seconds if timeout is None else timeout
 
         async def one() -> Received:
             deadline = asyncio.get_running_loop().time() + seconds
-            return await self._node.fetch(src, name, step, step - max_staleness, like, deadline)
+            return await self._node.fetch(
+                src, name, step, step - max_staleness, like, deadline, out=out
+            )
 
         received = self._loop_thread.run(one(), seconds + 1.0)
         return received.step, received.tensor

@@ -5,9 +5,11 @@ domain
 objects, asks the :class:`~peer.store.VersionStore` and the
 :class:`~peer.transport.grpc.security.ReadPolicy`,
 and streams the answer back. Fetch chunks bypass protobuf serialization: they are pre-encoded
-from memoryview slices of the retained snapshot (:func:`peer.transport.grpc.wire.encode_chunk`) and
-the
-response serializer passes bytes through.
+from memoryview slices of the retained snapshot (:func:`peer.transport.grpc.wire.encode_chunk`),
+once per version and chunk size, and shared by every reader
+(:meth:`peer.transport.grpc.store.Encoding.encoded_chunks`); the response serializer passes bytes
+through. A reader names the wire dtype it wants (``FetchRequest.wire_dtype``); a float32 vector
+is rounded to it once per version.
 
 The server runs on a :class:`LoopThread`, a background thread with its own asyncio event loop,
 so the peer's plain synchronous training loop is never blocked and never async.
@@ -38,7 +40,12 @@ from peer.transport.grpc.security import (
     server_credentials,
 )
 from peer.transport.grpc.service import server_handler
-from peer.transport.grpc.store import StateProvider, VersionStore, pack_state
+from peer.transport.grpc.store import (
+    StateProvider,
+    UnavailableEncoding,
+    VersionStore,
+    pack_state,
+)
 from peer.transport.grpc.throttle import BandwidthLimiter
 from peer.transport.grpc.wire import (
     PeerInfo,
@@ -155,17 +162,24 @@ class PeerServicer:
                 f"[{query.min_step}, {query.step}] within {wait_seconds:.3g} s",
             )
             return
-        total = version.total_bytes
+        try:
+            encoding = await version.encoding(query.wire_dtype)
+        except UnavailableEncoding as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"peer {peer.rank}: {exc}")
+            return
+        total = encoding.total_bytes
         offset = query.range_offset
         length = query.range_length or max(0, total - offset)
-        if offset + length > total or (offset >= total and total > 0):
+        item = encoding.element_bytes
+        if offset + length > total or (offset >= total and total > 0) or offset % item:
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
-                f"range {offset}+{length} outside the {total}-byte payload of {query.name!r}",
+                f"range {offset}+{length} outside the {total}-byte {encoding.dtype} payload of "
+                f"{query.name!r} or not on an element boundary",
             )
             return
         chunk_bytes = self._chunk_bytes(query.max_chunk_bytes)
-        await version.wait_ready()
+        chunk_bytes = max(item, chunk_bytes - chunk_bytes % item)  # whole elements per chunk
         header = VersionHeader(
             sender_rank=peer.rank,
             step=version.step,
@@ -173,19 +187,20 @@ class PeerServicer:
             dtype=version.dtype,
             shape=version.shape,
             total_bytes=total,
-            checksum=await version.checksum(),
+            checksum=await encoding.checksum(),
             range_offset=offset,
             range_length=length,
             chunk_count=chunk_count(length, chunk_bytes),
             chunk_bytes=chunk_bytes,
             checksum_kind=DEFAULT_CHECKSUM,
+            wire_dtype=encoding.dtype,
         )
         yield header_to_pb(header)
         limiter = None if peer.limiter.unlimited else peer.limiter
-        for piece in iter_chunks(version.payload[offset : offset + length], chunk_bytes):
+        for message in encoding.encoded_chunks(offset, length, chunk_bytes):
             if limiter is not None:
-                await limiter.acquire(len(piece))
-            yield encode_chunk(piece)
+                await limiter.acquire(len(message))
+            yield message
         peer.metrics.served(caller, length, header.chunk_count)
         peer.metrics.handled("Fetch", time.perf_counter() - started)
 

@@ -1,10 +1,14 @@
 """Retained versions of the vectors a peer publishes, and its state snapshots for GetState.
 
 A published vector is snapshotted once (:func:`snapshot`) in the training thread and then
-served to every neighbour from that snapshot, chunk by chunk, as memoryview slices: no request
-copies the whole vector. For a CUDA tensor the snapshot is ONE device-to-host copy per published
-version into a pinned buffer, issued on a side CUDA stream and fenced by an event; the CPU path is
-the same code with that copy skipped (the device clone is the host buffer).
+served to every neighbour from that snapshot. Each wire encoding of a version (:class:`Encoding`:
+its own dtype, or a float32 vector rounded to bfloat16/float16 once per version) computes its
+checksum once and keeps the encoded chunk messages it has built, so every further reader of the
+newest version streams the same ``bytes`` objects (no per-request copy; older versions drop
+their chunks, which bounds the extra memory to one encoded copy per name). For a CUDA tensor
+the snapshot is ONE device-to-host copy per published version into a pinned buffer, issued on a
+side CUDA stream and fenced by an event; the CPU path is the same code with that copy skipped
+(the device clone is the host buffer).
 
 :class:`VersionStore` lives on the server's event loop. It keeps the last ``retained_versions``
 steps per name, wakes the requests waiting for a name through that name's :class:`asyncio.Event` (no
@@ -21,15 +25,22 @@ import asyncio
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
 
 from peer.errors import WireError
 from peer.transport.base import choose_step
-from peer.transport.grpc.framing import DEFAULT_CHECKSUM, checksum
-from peer.transport.grpc.wire import StateEntry, StateHeader, dtype_name, parse_dtype
+from peer.transport.grpc.framing import DEFAULT_CHECKSUM, checksum, chunk_count
+from peer.transport.grpc.wire import (
+    WIRE_DTYPES,
+    StateEntry,
+    StateHeader,
+    dtype_name,
+    encode_chunk,
+    parse_dtype,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +64,79 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
         return stream
 
 
+class UnavailableEncoding(ValueError):
+    """A reader asked for a wire dtype this version cannot be served in."""
+
+
+@dataclass(eq=False)
+class Encoding:
+    """One version's payload in one wire dtype, with its checksum and shared chunk messages.
+
+    Attributes:
+        dtype: element type of the payload bytes.
+        tensor: the payload as a flat tensor (keeps ``payload``'s memory alive).
+        payload: byte view of ``tensor``.
+    """
+
+    dtype: str
+    tensor: torch.Tensor
+    payload: memoryview
+    _checksum: asyncio.Future[int] | None = field(default=None, repr=False)
+    _chunk_bytes: int = field(default=0, repr=False)
+    _chunks: list[bytes | None] = field(default_factory=list, repr=False)
+
+    @property
+    def total_bytes(self) -> int:
+        """Payload size in bytes."""
+        return len(self.payload)
+
+    @property
+    def element_bytes(self) -> int:
+        """Bytes per element (chunks and ranges are multiples of it)."""
+        return self.tensor.element_size()
+
+    def checksum(self) -> asyncio.Future[int]:
+        """Checksum (:data:`~peer.transport.grpc.framing.DEFAULT_CHECKSUM`) of the payload,
+        computed once in a worker thread (both CRC implementations release the GIL)."""
+        if self._checksum is None:
+            self._checksum = asyncio.ensure_future(
+                asyncio.to_thread(checksum, DEFAULT_CHECKSUM, self.payload)
+            )
+        return self._checksum
+
+    def drop_chunks(self) -> None:
+        """Forget the cached chunk messages (they are rebuilt on demand)."""
+        self._chunk_bytes, self._chunks = 0, []
+
+    def encoded_chunks(self, offset: int, length: int, chunk_bytes: int) -> Iterator[bytes]:
+        """Chunk messages of payload bytes ``[offset, offset + length)``, ``chunk_bytes`` each.
+
+        Chunks aligned with the whole payload's chunk grid are built once and shared by every
+        reader asking for the same chunk size; the others are encoded per request.
+        """
+        if chunk_bytes != self._chunk_bytes:
+            if self._chunk_bytes and any(c is not None for c in self._chunks):
+                cache: list[bytes | None] | None = None  # another size is cached: keep it
+            else:
+                self._chunk_bytes = chunk_bytes
+                self._chunks = [None] * chunk_count(self.total_bytes, chunk_bytes)
+                cache = self._chunks
+        else:
+            cache = self._chunks
+        end = offset + length
+        for start in range(offset, end, chunk_bytes):
+            stop = min(start + chunk_bytes, end)
+            index, aligned = divmod(start, chunk_bytes)
+            whole = stop - start == chunk_bytes or stop == self.total_bytes
+            if cache is None or aligned or not whole:
+                yield encode_chunk(self.payload[start:stop])
+                continue
+            message = cache[index]
+            if message is None:
+                message = cache[index] = encode_chunk(self.payload[start:stop])
+            yield message
+
+
 @dataclass(eq=False)
 class Version:
     """One published, immutable version of a named vector.
@@ -65,6 +149,9 @@ class Version:
         host: contiguous CPU tensor holding the payload (pinned for CUDA sources).
         payload: byte view of ``host``; served in slices.
         ready: CUDA event marking the end of the device-to-host copy (None on CPU).
+        wire_dtype: encoding prepared eagerly when the version is retained (the peer's
+            ``exchange.wire_dtype`` for float32 vectors, else ``dtype``); readers may ask for
+            any other encoding :func:`encodable` allows, built on first request.
     """
 
     name: str
@@ -74,7 +161,8 @@ class Version:
     host: torch.Tensor
     payload: memoryview
     ready: torch.cuda.Event | None = None
-    _checksum: asyncio.Future[int] | None = field(default=None, repr=False)
+    wire_dtype: str = ""
+    _encodings: dict[str, asyncio.Future[Encoding]] = field(default_factory=dict, repr=False)
 
     @property
     def total_bytes(self) -> int:
@@ -86,21 +174,47 @@ class Version:
         if self.ready is not None and not self.ready.query():
             await asyncio.to_thread(self.ready.synchronize)
 
-    def checksum(self) -> asyncio.Future[int]:
-        """Checksum (:data:`peer.transport.grpc.framing.DEFAULT_CHECKSUM`) of the payload, computed
-        once in a
-        worker thread (both CRC implementations release the GIL)."""
-        if self._checksum is None:
-            self._checksum = asyncio.ensure_future(self._compute_checksum())
-        return self._checksum
+    def encoding(self, wire_dtype: str = "") -> asyncio.Future[Encoding]:
+        """The payload in ``wire_dtype`` ("" = ``dtype``), prepared once: rounded in a worker
+        thread when it differs from ``dtype``, and its checksum started.
 
-    async def _compute_checksum(self) -> int:
+        Raises:
+            UnavailableEncoding: ``wire_dtype`` is not one this version can travel in.
+        """
+        wire = wire_dtype or self.dtype
+        if not encodable(self.dtype, wire):
+            raise UnavailableEncoding(
+                f"{self.name!r} ({self.dtype}) cannot travel as {wire!r}: a float32 vector may "
+                f"use one of {', '.join(WIRE_DTYPES)}, other dtypes only their own"
+            )
+        if wire not in self._encodings:
+            self._encodings[wire] = asyncio.ensure_future(self._encode(wire))
+        return self._encodings[wire]
+
+    async def _encode(self, wire: str) -> Encoding:
         await self.wait_ready()
-        return await asyncio.to_thread(checksum, DEFAULT_CHECKSUM, self.payload)
+        flat = self.host.reshape(-1)
+        if wire != self.dtype:
+            target = parse_dtype(wire)
+            flat = await asyncio.to_thread(flat.to, target)
+        encoding = Encoding(wire, flat, byte_view(flat))
+        await encoding.checksum()
+        return encoding
+
+    def drop_chunks(self) -> None:
+        """Forget every encoding's cached chunk messages (a newer version took over)."""
+        for future in self._encodings.values():
+            if future.done() and not future.cancelled() and future.exception() is None:
+                future.result().drop_chunks()
+
+
+def encodable(dtype: str, wire_dtype: str) -> bool:
+    """Whether a vector of ``dtype`` may travel as ``wire_dtype`` (float32 may be rounded)."""
+    return wire_dtype == dtype or (dtype == "float32" and wire_dtype in WIRE_DTYPES)
 
 
 def snapshot(
-    tensor: torch.Tensor, name: str, step: int, *, copy: bool = True
+    tensor: torch.Tensor, name: str, step: int, *, copy: bool = True, wire_dtype: str = ""
 ) -> tuple[torch.Tensor, Version]:
     """Snapshot ``tensor`` for publishing; safe to mutate ``tensor`` right after.
 
@@ -110,6 +224,8 @@ def snapshot(
         step: its step.
         copy: ``False`` uses ``tensor`` itself when it is already contiguous (the caller hands
             it over and never modifies it again).
+        wire_dtype: encoding to prepare as soon as the version is retained (applies to float32
+            vectors; others travel as their own dtype); "" = the vector's own dtype.
 
     Returns:
         ``(own, version)``: ``own`` is a contiguous clone on the tensor's device (the peer's own
@@ -130,8 +246,9 @@ def snapshot(
         own.record_stream(side)  # keep `own` alive for the side stream's copy
     else:
         host = own
-    version = Version(name, step, dtype_name(own.dtype), tuple(own.shape), host, byte_view(host))
-    version.ready = ready
+    dtype = dtype_name(own.dtype)
+    wire = wire_dtype if wire_dtype and encodable(dtype, wire_dtype) else dtype
+    version = Version(name, step, dtype, tuple(own.shape), host, byte_view(host), ready, wire)
     return own, version
 
 
@@ -153,11 +270,13 @@ class VersionStore:
     def insert(self, version: Version) -> None:
         """Retain ``version`` (evicting the oldest beyond K) and wake waiting requests."""
         retained = self._versions.setdefault(version.name, OrderedDict())
+        for older in retained.values():
+            older.drop_chunks()  # readers move on to the new version: free its chunk copy
         retained[version.step] = version
         retained.move_to_end(version.step)
         while len(retained) > self.retained_versions:
             retained.popitem(last=False)
-        version.checksum()  # start it now so that it is ready when neighbours ask
+        version.encoding(version.wire_dtype)  # round + checksum now, ready when neighbours ask
         published = self._published.pop(version.name, None)
         if published is not None:
             published.set()

@@ -12,6 +12,11 @@ returns a memoryview of the payload without a protobuf parse (which would copy i
 other message goes through the generated protobuf code, so the stream stays valid protobuf for
 every other client.
 
+Wire dtypes: a float32 vector may travel rounded to bfloat16 or float16 (``exchange.wire_dtype``,
+:data:`WIRE_DTYPES`). The header's ``dtype`` stays the vector's own type and ``wire_dtype`` names
+the payload's element type; the receiver widens every chunk straight into its float32 buffer
+(:class:`RangeAssembler`), so ``total_bytes``, ranges and checksums are all in wire bytes.
+
 Checksums (CRC-32C, or zlib CRC-32 without the crc32c extension; the header names the
 kind) cover the whole payload and are computed once per published version. A receiver
 fetching the payload as several byte ranges in parallel checksums each range as it arrives and
@@ -24,6 +29,7 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from google.protobuf.message import DecodeError
 
@@ -60,6 +66,20 @@ _DTYPES: dict[str, torch.dtype] = {
         torch.bool,
     )
 }
+
+
+# Encodings a float32 vector may travel in (exchange.wire_dtype); other dtypes travel as they are.
+WIRE_DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
+# How a chunk of each rounded wire dtype is read (numpy reads the read-only `bytes` of a received
+# message without a copy or a warning) and widened into the float32 destination: bfloat16 is the
+# top half of a float32, so widening is a 16-bit shift into the destination's bits; float16 is a
+# numpy cast. Both are exact.
+_WIDEN_VIEW = {"bfloat16": (np.uint16, np.uint32), "float16": (np.float16, np.float32)}
+
+
+def element_size(name: str) -> int:
+    """Bytes per element of wire dtype ``name``; raises :class:`WireError` for an unknown one."""
+    return torch.empty((), dtype=parse_dtype(name)).element_size()
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -128,6 +148,8 @@ class FetchQuery:
     max_chunk_bytes: int = 0
     range_offset: int = 0
     range_length: int = 0
+    # Element type the caller wants the payload in; "" = the vector's own dtype (version 1).
+    wire_dtype: str = ""
 
 
 def query_to_pb(query: FetchQuery) -> pb.FetchRequest:
@@ -140,6 +162,7 @@ def query_to_pb(query: FetchQuery) -> pb.FetchRequest:
         max_chunk_bytes=query.max_chunk_bytes,
         range_offset=query.range_offset,
         range_length=query.range_length,
+        wire_dtype=query.wire_dtype,
     )
 
 
@@ -157,6 +180,7 @@ def query_from_pb(request: pb.FetchRequest) -> FetchQuery:
         max_chunk_bytes=request.max_chunk_bytes,
         range_offset=request.range_offset,
         range_length=request.range_length,
+        wire_dtype=request.wire_dtype,
     )
 
 
@@ -176,6 +200,13 @@ class VersionHeader:
     chunk_count: int
     chunk_bytes: int
     checksum_kind: str = CRC32
+    # Element type of the payload bytes; "" = ``dtype`` (no rounding on the wire).
+    wire_dtype: str = ""
+
+    @property
+    def payload_dtype(self) -> str:
+        """Element type of the payload bytes (``wire_dtype``, else ``dtype``)."""
+        return self.wire_dtype or self.dtype
 
 
 def header_to_pb(header: VersionHeader) -> pb.FetchResponse:
@@ -194,6 +225,8 @@ def header_to_pb(header: VersionHeader) -> pb.FetchResponse:
             range_length=header.range_length,
             chunk_count=header.chunk_count,
             chunk_bytes=header.chunk_bytes,
+            # Left empty without rounding, so version-1 receivers see a plain version-1 header.
+            wire_dtype="" if header.payload_dtype == header.dtype else header.payload_dtype,
         )
     )
 
@@ -231,6 +264,7 @@ def decode_fetch_response(data: bytes) -> VersionHeader | memoryview | Malformed
         chunk_count=h.chunk_count,
         chunk_bytes=h.chunk_bytes,
         checksum_kind=CHECKSUM_NAMES[h.checksum_kind],
+        wire_dtype=h.wire_dtype,
     )
 
 
@@ -247,6 +281,15 @@ class Expectation:
     range_offset: int
     range_length: int
     max_chunk_bytes: int
+    # Element type of the payload bytes; "" = ``dtype``. Ranges are in payload bytes.
+    wire_dtype: str = ""
+    # Whether to checksum the received bytes (off where TLS already protects them).
+    verify: bool = True
+
+    @property
+    def payload_dtype(self) -> str:
+        """Element type of the payload bytes (``wire_dtype``, else ``dtype``)."""
+        return self.wire_dtype or self.dtype
 
 
 @dataclass
@@ -256,15 +299,41 @@ class RangeAssembler:
     Args:
         expect: the request's expectations (sender, name, step window, dtype, shape, range).
         dest: byte view of the WHOLE destination buffer; chunks land at their range offset.
+        widen_into: the destination as a flat tensor of ``expect.dtype``; required when the
+            payload travels in another ``wire_dtype``: every chunk is widened straight into it
+            (one pass, no intermediate buffer).
     """
 
     expect: Expectation
     dest: memoryview
+    widen_into: torch.Tensor | None = None
     header: VersionHeader | None = None
     received_bytes: int = 0
     received_chunks: int = 0
     range_crc: int = 0
+    payload_bytes: int = field(default=0, init=False)
     _cursor: int = field(default=0, repr=False)
+    _wire_itemsize: int = field(default=0, init=False, repr=False)
+    _wide: np.ndarray | None = field(default=None, init=False, repr=False)
+    _wire_np: type[np.generic] | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        e = self.expect
+        if e.payload_dtype == e.dtype:
+            self.payload_bytes = len(self.dest)
+            return
+        if (
+            self.widen_into is None
+            or e.dtype != "float32"
+            or self.widen_into.dtype != torch.float32
+            or e.payload_dtype not in _WIDEN_VIEW
+        ):
+            raise ValueError(f"widening {e.payload_dtype} needs a float32 widen_into tensor")
+        wire_np, wide_np = _WIDEN_VIEW[e.payload_dtype]
+        self._wire_np = wire_np
+        self._wide = self.widen_into.reshape(-1).numpy().view(wide_np)
+        self._wire_itemsize = element_size(e.payload_dtype)
+        self.payload_bytes = self.widen_into.numel() * self._wire_itemsize
 
     def _fail(self, reason: str) -> WireError:
         e = self.expect
@@ -293,8 +362,20 @@ class RangeAssembler:
             raise self._fail(f"chunk of {size} bytes (chunk size {self.header.chunk_bytes})")
         if self.received_bytes + size > self.expect.range_length:
             raise self._fail(f"oversized stream: more than {self.expect.range_length} bytes")
-        self.dest[self._cursor : self._cursor + size] = message
-        self.range_crc = checksum_extend(self.header.checksum_kind, self.range_crc, message)
+        if self._wide is None or self._wire_np is None:
+            self.dest[self._cursor : self._cursor + size] = message
+        else:
+            if size % self._wire_itemsize:
+                raise self._fail(f"chunk of {size} bytes splits a {self.expect.payload_dtype}")
+            first = self._cursor // self._wire_itemsize
+            wide = self._wide[first : first + size // self._wire_itemsize]
+            narrow = np.frombuffer(message, dtype=self._wire_np)
+            if self._wire_np is np.uint16:  # bfloat16 -> float32 bits
+                np.left_shift(narrow, 16, out=wide, dtype=np.uint32)
+            else:
+                np.copyto(wide, narrow)
+        if self.expect.verify:
+            self.range_crc = checksum_extend(self.header.checksum_kind, self.range_crc, message)
         self._cursor += size
         self.received_bytes += size
         self.received_chunks += 1
@@ -310,10 +391,15 @@ class RangeAssembler:
             problems.append(f"step {h.step} outside [{e.min_step}, {e.step}]")
         if h.dtype != e.dtype:
             problems.append(f"dtype {h.dtype!r} (expected {e.dtype!r})")
+        if h.payload_dtype != e.payload_dtype:
+            problems.append(
+                f"wire dtype {h.payload_dtype!r} (expected {e.payload_dtype!r}: "
+                "set the same exchange.wire_dtype on every peer)"
+            )
         if h.shape != e.shape:
             problems.append(f"shape {list(h.shape)} (expected {list(e.shape)})")
-        if h.total_bytes != len(self.dest):
-            problems.append(f"total_bytes {h.total_bytes} (expected {len(self.dest)})")
+        if h.total_bytes != self.payload_bytes:
+            problems.append(f"total_bytes {h.total_bytes} (expected {self.payload_bytes})")
         if (h.range_offset, h.range_length) != (e.range_offset, e.range_length):
             problems.append(f"range {h.range_offset}+{h.range_length}")
         if not 0 < h.chunk_bytes <= e.max_chunk_bytes:
@@ -339,7 +425,12 @@ class RangeAssembler:
 
 
 def verify_checksum(assemblers: list[RangeAssembler], expect_name: str) -> None:
-    """Fold the range CRCs in offset order and compare with the header's whole-payload CRC."""
+    """Fold the range CRCs in offset order and compare with the header's whole-payload CRC.
+
+    A no-op when the assemblers were told not to verify (``Expectation.verify``).
+    """
+    if not all(a.expect.verify for a in assemblers):
+        return
     ordered = sorted(assemblers, key=lambda a: a.expect.range_offset)
     header = ordered[0].header
     assert header is not None  # finish() ran on every assembler

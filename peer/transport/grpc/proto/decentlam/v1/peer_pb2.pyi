@@ -26,7 +26,7 @@ STATE_KIND_BLOB: StateKind
 STATE_KIND_TENSORS: StateKind
 
 class FetchRequest(_message.Message):
-    __slots__ = ("caller_rank", "name", "step", "min_step", "max_chunk_bytes", "range_offset", "range_length")
+    __slots__ = ("caller_rank", "name", "step", "min_step", "max_chunk_bytes", "range_offset", "range_length", "wire_dtype")
     CALLER_RANK_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -34,6 +34,7 @@ class FetchRequest(_message.Message):
     MAX_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     RANGE_OFFSET_FIELD_NUMBER: _ClassVar[int]
     RANGE_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    WIRE_DTYPE_FIELD_NUMBER: _ClassVar[int]
     caller_rank: int
     name: str
     step: int
@@ -41,10 +42,11 @@ class FetchRequest(_message.Message):
     max_chunk_bytes: int
     range_offset: int
     range_length: int
-    def __init__(self, caller_rank: _Optional[int] = ..., name: _Optional[str] = ..., step: _Optional[int] = ..., min_step: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., range_offset: _Optional[int] = ..., range_length: _Optional[int] = ...) -> None: ...
+    wire_dtype: str
+    def __init__(self, caller_rank: _Optional[int] = ..., name: _Optional[str] = ..., step: _Optional[int] = ..., min_step: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., range_offset: _Optional[int] = ..., range_length: _Optional[int] = ..., wire_dtype: _Optional[str] = ...) -> None: ...
 
 class FetchHeader(_message.Message):
-    __slots__ = ("sender_rank", "step", "name", "dtype", "shape", "total_bytes", "checksum_kind", "checksum", "range_offset", "range_length", "chunk_count", "chunk_bytes")
+    __slots__ = ("sender_rank", "step", "name", "dtype", "shape", "total_bytes", "checksum_kind", "checksum", "range_offset", "range_length", "chunk_count", "chunk_bytes", "wire_dtype")
     SENDER_RANK_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -57,6 +59,7 @@ class FetchHeader(_message.Message):
     RANGE_LENGTH_FIELD_NUMBER: _ClassVar[int]
     CHUNK_COUNT_FIELD_NUMBER: _ClassVar[int]
     CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    WIRE_DTYPE_FIELD_NUMBER: _ClassVar[int]
     sender_rank: int
     step: int
     name: str
@@ -69,7 +72,8 @@ class FetchHeader(_message.Message):
     range_length: int
     chunk_count: int
     chunk_bytes: int
-    def __init__(self, sender_rank: _Optional[int] = ..., step: _Optional[int] = ..., name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., total_bytes: _Optional[int] = ..., checksum_kind: _Optional[_Union[ChecksumKind, str]] = ..., checksum: _Optional[int] = ..., range_offset: _Optional[int] = ..., range_length: _Optional[int] = ..., chunk_count: _Optional[int] = ..., chunk_bytes: _Optional[int] = ...) -> None: ...
+    wire_dtype: str
+    def __init__(self, sender_rank: _Optional[int] = ..., step: _Optional[int] = ..., name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., total_bytes: _Optional[int] = ..., checksum_kind: _Optional[_Union[ChecksumKind, str]] = ..., checksum: _Optional[int] = ..., range_offset: _Optional[int] = ..., range_length: _Optional[int] = ..., chunk_count: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., wire_dtype: _Optional[str] = ...) -> None: ...
 
 class FetchResponse(_message.Message):
     __slots__ = ("header", "chunk")
