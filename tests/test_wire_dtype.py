@@ -6,13 +6,14 @@ Reference equation of a rounded wire: the receiver holds exactly ``x.to(wire).to
 
 from __future__ import annotations
 
+import time
 import typing
 
 import grpc
 import pytest
 import torch
 
-from peer.errors import WireError
+from peer.errors import ExchangeTimeout, WireError
 from peer.transport.base import weighted_sum
 from peer.transport.grpc.allocator import tune_malloc
 from peer.transport.grpc.communicator import ExchangeConfig, GrpcCommunicator
@@ -53,6 +54,22 @@ def test_rounded_wire_round_trip_equals_reference(grpc_peers: GrpcPeers, wire: s
     assert b.metrics.registry.get_sample_value(
         "decentlam_exchange_sent_bytes_total", {"rank": "1", "neighbor": "0"}
     ) == (2 * x.numel())
+
+
+def test_blocking_receive_over_several_channels(grpc_peers: GrpcPeers) -> None:
+    config = ExchangeConfig(
+        wire_dtype="bfloat16", parallel_streams=3, channels_per_neighbor=2, blocking_receive=True
+    )
+    a, b = grpc_peers(2, config=config)
+    x = torch.randn(7_000_000)  # 14 MB of bfloat16: three ranges over two connections
+    b.publish("p", x, 0)
+    assert torch.equal(a.fetch(1, "p", 0, like=x, timeout=30)[1], x.bfloat16().float())
+    b.publish("i", torch.arange(5), 0)
+    assert torch.equal(a.fetch(1, "i", 0, like=torch.arange(5), timeout=5)[1], torch.arange(5))
+    started = time.perf_counter()
+    with pytest.raises(ExchangeTimeout):  # the synchronous call's deadline maps like the aio one
+        a.fetch(1, "missing", 0, like=x, timeout=0.3)
+    assert time.perf_counter() - started < 5
 
 
 def test_mixing_with_bfloat16_wire_is_the_weighted_sum_of_rounded_neighbours(

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, cast
 
 import grpc
 import torch
@@ -76,6 +78,15 @@ class FetchResult:
     retries: int
 
 
+def as_aio_error(exc: grpc.RpcError) -> grpc.aio.AioRpcError:
+    """The asyncio form of a synchronous call's error (one error path for both readers)."""
+    call: Any = exc  # a failed synchronous call is both the error and the call
+    trailing = tuple(call.trailing_metadata() or ())
+    return grpc.aio.AioRpcError(
+        call.code(), grpc.aio.Metadata(), grpc.aio.Metadata(*trailing), call.details()
+    )
+
+
 def to_exchange_error(
     exc: grpc.aio.AioRpcError, neighbor: int, name: str | None, step: int | None, what: str
 ) -> ExchangeError:
@@ -101,7 +112,15 @@ def to_exchange_error(
 
 
 class PeerClient:
-    """One channel to one neighbour, reused by every call. Build with ``await create(...)``."""
+    """One channel to one neighbour, reused by every call. Build with ``await create(...)``.
+
+    ``range_channels`` are extra channels (each its own TCP connection) that parallel range
+    streams of one fetch spread over; the first range always uses the main channel.
+    ``blocking_channels`` (synchronous grpc channels), when given, carry every Fetch stream
+    instead: each range is read by a worker thread blocked in grpc's C core, which costs less CPU
+    per byte than the asyncio reader here (no event-loop wake-up per message;
+    benchmarks/exchange.py, README "Exchange engine").
+    """
 
     def __init__(
         self,
@@ -111,22 +130,32 @@ class PeerClient:
         channel: grpc.aio.Channel,
         token: str | None,
         metrics: ExchangeMetrics,
+        range_channels: tuple[grpc.aio.Channel, ...] = (),
+        blocking_channels: tuple[grpc.Channel, ...] = (),
     ) -> None:
         self.rank = rank
         self.neighbor = neighbor
         self.address = address
         self.metrics = metrics
         self._channel = channel
+        self._range_channels = range_channels
         self._metadata = call_metadata(token, rank)
-        rpcs = client_callables(
-            channel,
-            {
-                "Fetch": decode_fetch_response,
-                "Info": pb.InfoResponse.FromString,
-                "GetState": decode_state_response,
-            },
-        )
+        deserializers: dict[str, Callable[[bytes], Any]] = {
+            "Fetch": decode_fetch_response,
+            "Info": pb.InfoResponse.FromString,
+            "GetState": decode_state_response,
+        }
+        rpcs = client_callables(channel, deserializers)
         self._fetch, self._info, self._get_state = rpcs["Fetch"], rpcs["Info"], rpcs["GetState"]
+        self._fetches = [self._fetch] + [
+            client_callables(c, deserializers)["Fetch"] for c in range_channels
+        ]
+        self._blocking_channels = blocking_channels
+        # Synchronous channels have the same multi-callable factories as asyncio ones.
+        self._blocking_fetches = [
+            client_callables(cast(grpc.aio.Channel, c), deserializers)["Fetch"]
+            for c in blocking_channels
+        ]
 
     @classmethod
     async def create(
@@ -139,8 +168,10 @@ class PeerClient:
         tls: TlsConfig | None,
         max_message_bytes: int,
         metrics: ExchangeMetrics,
+        channels: int = 1,
+        blocking_receive: bool = False,
     ) -> PeerClient:
-        """Open the channel to ``neighbor`` at ``address`` (connects lazily).
+        """Open the channel(s) to ``neighbor`` at ``address`` (connect lazily).
 
         Args:
             rank: this peer (sent in metadata).
@@ -150,6 +181,9 @@ class PeerClient:
             tls: TLS material, or None for plaintext.
             max_message_bytes: largest message sent or received.
             metrics: collectors of this peer.
+            channels: TCP connections to open; parallel range streams spread over them.
+            blocking_receive: read Fetch streams in worker threads over synchronous channels
+                (``channels`` of them, besides the asyncio channel kept for the other calls).
 
         Returns:
             The client.
@@ -159,17 +193,40 @@ class PeerClient:
             ("grpc.max_receive_message_length", max_message_bytes),
             *CLIENT_KEEPALIVE_OPTIONS,
         ]
-        if tls is None:
-            channel = grpc.aio.insecure_channel(address, options=options)
-        else:
-            if tls.server_name_override:
-                options.append(("grpc.ssl_target_name_override", tls.server_name_override))
-            channel = grpc.aio.secure_channel(address, channel_credentials(tls), options=options)
-        return cls(rank, neighbor, address, channel, token, metrics)
+        if tls is not None and tls.server_name_override:
+            options.append(("grpc.ssl_target_name_override", tls.server_name_override))
+
+        def open_channel(extra: list[tuple[str, int | str]]) -> grpc.aio.Channel:
+            if tls is None:
+                return grpc.aio.insecure_channel(address, options=options + extra)
+            return grpc.aio.secure_channel(
+                address, channel_credentials(tls), options=options + extra
+            )
+
+        def open_blocking_channel() -> grpc.Channel:
+            extra = [*options, ("grpc.use_local_subchannel_pool", 1)]
+            if tls is None:
+                return grpc.insecure_channel(address, options=extra)
+            return grpc.secure_channel(address, channel_credentials(tls), options=extra)
+
+        channel = open_channel([])
+        # A local subchannel pool gives each extra channel a TCP connection of its own (channels
+        # with equal arguments would otherwise share one).
+        if blocking_receive:
+            blocking = tuple(open_blocking_channel() for _ in range(channels))
+            return cls(rank, neighbor, address, channel, token, metrics, (), blocking)
+        extra = tuple(
+            open_channel([("grpc.use_local_subchannel_pool", 1)]) for _ in range(channels - 1)
+        )
+        return cls(rank, neighbor, address, channel, token, metrics, extra)
 
     async def close(self) -> None:
-        """Close the channel (in-flight calls are cancelled)."""
+        """Close the channel(s) (in-flight calls are cancelled)."""
         await self._channel.close()
+        for channel in self._range_channels:
+            await channel.close()
+        for blocking in self._blocking_channels:
+            blocking.close()
 
     async def call_info(self, timeout: float) -> PeerInfo:
         """The neighbour's :class:`PeerInfo`; waits for the connection up to ``timeout``."""
@@ -190,8 +247,15 @@ class PeerClient:
         assembler: RangeAssembler,
         timeout: float,
         header_seen: asyncio.Future[int] | None = None,
+        channel_index: int = 0,
     ) -> None:
-        call = self._fetch(query_to_pb(query), timeout=timeout, metadata=self._metadata)
+        if self._blocking_fetches:
+            await self._stream_range_in_thread(
+                query, assembler, timeout, header_seen, channel_index
+            )
+            return
+        fetch = self._fetches[channel_index % len(self._fetches)]
+        call = fetch(query_to_pb(query), timeout=timeout, metadata=self._metadata)
         try:
             async for message in call:
                 assembler.feed(message)
@@ -202,6 +266,42 @@ class PeerClient:
         finally:
             if not call.done():
                 call.cancel()
+
+    async def _stream_range_in_thread(
+        self,
+        query: FetchQuery,
+        assembler: RangeAssembler,
+        timeout: float,
+        header_seen: asyncio.Future[int] | None,
+        channel_index: int,
+    ) -> None:
+        """:meth:`_stream_range` over a synchronous channel, read by a worker thread.
+
+        A cancelled await cancels the call, which ends the thread's read at the next message.
+        """
+        loop = asyncio.get_running_loop()
+        fetch = self._blocking_fetches[channel_index % len(self._blocking_fetches)]
+        call = fetch(query_to_pb(query), timeout=timeout, metadata=self._metadata)
+
+        def header_arrived(step: int) -> None:
+            if header_seen is not None and not header_seen.done():
+                header_seen.set_result(step)
+
+        def read() -> None:
+            try:
+                for message in call:
+                    assembler.feed(message)
+                    if header_seen is not None and assembler.received_chunks == 0:
+                        assert assembler.header is not None  # feed() requires it first
+                        loop.call_soon_threadsafe(header_arrived, assembler.header.step)
+                assembler.finish()
+            except grpc.RpcError as exc:
+                raise as_aio_error(exc) from None
+
+        try:
+            await asyncio.to_thread(read)
+        finally:
+            call.cancel()  # no-op once the call completed
 
     async def _fetch_once(
         self,
@@ -261,12 +361,14 @@ class PeerClient:
                 if not header_seen.done():
                     await tasks[0]  # raises the first stream's error
                 served = header_seen.result()
-                for offset, length in ranges[1:]:
+                for index, (offset, length) in enumerate(ranges[1:], start=1):
                     assembler = assembler_for(offset, length, served, served)
                     assemblers.append(assembler)
                     query = query_for(offset, length, served, served)
                     tasks.append(
-                        asyncio.ensure_future(self._stream_range(query, assembler, timeout))
+                        asyncio.ensure_future(
+                            self._stream_range(query, assembler, timeout, channel_index=index)
+                        )
                     )
             await asyncio.gather(*tasks)
         finally:

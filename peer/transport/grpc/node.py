@@ -78,6 +78,12 @@ class ExchangeConfig:
             widens into its float32 buffer. Every peer of a run must use the same one.
         verify_checksums: checksum every received payload; None = verify on plaintext
             channels only (TLS records are already integrity-protected).
+        channels_per_neighbor: TCP connections to each neighbour; the parallel range streams
+            of a large fetch spread over them (one each up to ``parallel_streams``).
+        blocking_receive: read Fetch streams in worker threads over synchronous grpc channels
+            (less client CPU per byte at 1 MiB chunks in benchmarks/exchange.py, but one more
+            thread competing with training for the GIL); False (default) reads them on the
+            peer's event loop.
         tune_malloc: raise glibc's malloc trim threshold for the process so received chunks
             reuse warm memory instead of page-faulting (:mod:`~.allocator`; halves the
             client's CPU per large fetch here).
@@ -105,6 +111,8 @@ class ExchangeConfig:
     wire_dtype: str = _SPEC.wire_dtype
     verify_checksums: bool | None = None
     tune_malloc: bool = True
+    channels_per_neighbor: int = 1
+    blocking_receive: bool = False
 
     @property
     def verifies_checksums(self) -> bool:
@@ -121,6 +129,10 @@ class ExchangeConfig:
             raise ValueError(
                 f"chunk_bytes {self.chunk_bytes} does not fit in a message of "
                 f"max_message_bytes {self.max_message_bytes} (- {MESSAGE_OVERHEAD_BYTES})"
+            )
+        if self.channels_per_neighbor < 1:
+            raise ValueError(
+                f"channels_per_neighbor must be >= 1, got {self.channels_per_neighbor}"
             )
 
     @classmethod
@@ -221,6 +233,8 @@ class PeerNode:
                 tls=self.config.tls,
                 max_message_bytes=self.config.max_message_bytes,
                 metrics=self.served.metrics,
+                channels=self.config.channels_per_neighbor,
+                blocking_receive=self.config.blocking_receive,
             )
             if old is not None:
                 await old.close()
