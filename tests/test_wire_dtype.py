@@ -86,20 +86,23 @@ def test_mixing_with_bfloat16_wire_is_the_weighted_sum_of_rounded_neighbours(
     assert torch.equal(got_b, weighted_sum(xb, 0.5, {0: round_trip[0]}, {0: 0.5}, 1))
 
 
-def test_float32_reader_of_a_bfloat16_peer_and_non_float_vectors(grpc_peers: GrpcPeers) -> None:
+def test_float32_reader_of_a_bfloat16_peer_global_and_non_float_vectors(
+    grpc_peers: GrpcPeers,
+) -> None:
     # A reader with the version-1 default (float32) still gets the exact vector from a peer that
-    # publishes rounded copies; integer vectors travel as they are whatever the setting.
+    # publishes rounded copies; global averages and integer vectors always travel exactly.
     c, b = grpc_peers(2, config=ExchangeConfig(wire_dtype="bfloat16", fetch_deadline_seconds=10))
     a = GrpcCommunicator.start(0, {1: b.address}, world_size=2)
     try:
         x = torch.randn(300)
-        b.publish("global/p", x, 0)
-        b.publish("global/i", torch.arange(7, dtype=torch.int32), 0)
-        assert torch.equal(a.fetch(1, "global/p", 0, like=torch.empty(300), timeout=5)[1], x)
-        assert torch.equal(
-            c.fetch(1, "global/p", 0, like=torch.empty(300), timeout=5)[1], x.bfloat16().float()
-        )
-        ints = c.fetch(1, "global/i", 0, like=torch.empty(7, dtype=torch.int32), timeout=5)[1]
+        b.publish("p", x, 0)
+        b.publish("global/g", x, 0)
+        b.publish("i", torch.arange(7, dtype=torch.int32), 0)
+        assert torch.equal(a.fetch(1, "p", 0, like=torch.empty(300), timeout=5)[1], x)
+        rounded = c.fetch(1, "p", 0, like=torch.empty(300), timeout=5)[1]
+        assert torch.equal(rounded, x.bfloat16().float()) and not torch.equal(rounded, x)
+        assert torch.equal(c.fetch(1, "global/g", 0, like=torch.empty(300), timeout=5)[1], x)
+        ints = c.fetch(1, "i", 0, like=torch.empty(7, dtype=torch.int32), timeout=5)[1]
         assert torch.equal(ints, torch.arange(7, dtype=torch.int32))
     finally:
         a.close()

@@ -27,7 +27,7 @@ from peer.transport.grpc.client import PeerClient
 from peer.transport.grpc.metrics import ExchangeMetrics
 from peer.transport.grpc.security import ReadPolicy, TlsConfig
 from peer.transport.grpc.server import PeerServicer, ServedPeer, create_server
-from peer.transport.grpc.store import VersionStore, byte_view
+from peer.transport.grpc.store import VersionStore, byte_view, wire_dtype_for
 from peer.transport.grpc.throttle import BandwidthLimiter
 from peer.transport.grpc.wire import dtype_name
 from topology.manifest import MAX_CHUNK_BYTES, ExchangeSpec
@@ -291,7 +291,7 @@ class PeerNode:
             deadline=deadline,
             backoff_seconds=self.config.retry_backoff_seconds,
             max_retries=self.config.max_retries,
-            wire_dtype=self.config.wire_dtype if dtype == "float32" else "",
+            wire_dtype=wire_dtype_for(name, dtype, self.config.wire_dtype),
             widen_into=dest.reshape(-1),
             verify_checksum=self.config.verifies_checksums,
         )

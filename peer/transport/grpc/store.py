@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from peer.errors import WireError
-from peer.transport.base import choose_step
+from peer.transport.base import GLOBAL_PREFIX, choose_step
 from peer.transport.grpc.framing import DEFAULT_CHECKSUM, checksum, chunk_count
 from peer.transport.grpc.wire import (
     WIRE_DTYPES,
@@ -208,6 +208,17 @@ class Version:
                 future.result().drop_chunks()
 
 
+def wire_dtype_for(name: str, dtype: str, configured: str) -> str:
+    """The encoding a vector travels in under a peer's ``exchange.wire_dtype`` (``configured``).
+
+    Only float32 partial-average vectors are rounded: global averages (``global/*``) stay exact,
+    so that they remain bit-identical on every peer, and other dtypes travel as they are.
+    """
+    if name.startswith(GLOBAL_PREFIX) or not encodable(dtype, configured):
+        return dtype
+    return configured
+
+
 def encodable(dtype: str, wire_dtype: str) -> bool:
     """Whether a vector of ``dtype`` may travel as ``wire_dtype`` (float32 may be rounded)."""
     return wire_dtype == dtype or (dtype == "float32" and wire_dtype in WIRE_DTYPES)
@@ -224,8 +235,8 @@ def snapshot(
         step: its step.
         copy: ``False`` uses ``tensor`` itself when it is already contiguous (the caller hands
             it over and never modifies it again).
-        wire_dtype: encoding to prepare as soon as the version is retained (applies to float32
-            vectors; others travel as their own dtype); "" = the vector's own dtype.
+        wire_dtype: the peer's ``exchange.wire_dtype``; the encoding prepared as soon as the
+            version is retained is :func:`wire_dtype_for` of it; "" = the vector's own dtype.
 
     Returns:
         ``(own, version)``: ``own`` is a contiguous clone on the tensor's device (the peer's own
@@ -247,7 +258,7 @@ def snapshot(
     else:
         host = own
     dtype = dtype_name(own.dtype)
-    wire = wire_dtype if wire_dtype and encodable(dtype, wire_dtype) else dtype
+    wire = wire_dtype_for(name, dtype, wire_dtype or dtype)
     version = Version(name, step, dtype, tuple(own.shape), host, byte_view(host), ready, wire)
     return own, version
 
