@@ -127,6 +127,22 @@ def _grpc_client(conn: Any, address: str, args: argparse.Namespace, wire_dtype: 
     conn.send(_rss_report(baseline))
 
 
+def _rss_probe(conn: Any, address: str, sizes_mb: list[float], wire_dtype: str, n: int) -> None:
+    """Child process: a peer-like reader (one default communicator) fetching ``n`` times per
+    size into one reused buffer; reports its peak RSS (the interleaved clients hold many
+    communicators, each with its own loop thread and malloc arena, so theirs is not a peer's)."""
+    torch.set_num_threads(1)
+    baseline = _rss_mib()
+    client = GrpcCommunicator.start(0, {1: address}, config=ExchangeConfig(wire_dtype=wire_dtype))
+    for size in sizes_mb:
+        out = torch.empty(int(size * MB) // 4)
+        for _ in range(n):
+            client.fetch(1, f"v{size}", 0, like=out, out=out)
+        del out
+    client.close()
+    conn.send(_rss_report(baseline))
+
+
 def grpc_key(chunk_mib: float, streams: int, receiver: str) -> str:
     """Row label of one gRPC configuration (each stream has a TCP connection of its own)."""
     return f"chunk={chunk_mib:g}MiB streams={streams} {receiver}"
@@ -231,7 +247,8 @@ def run_interleaved(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
         tcp_server = pool.spawn(_tcp_server, args.sizes_mb)
         tcp = pool.spawn(_tcp_client, tcp_server.recv(), args.sizes_mb)
         servers = {w: pool.spawn(_grpc_server, args.sizes_mb, w) for w in args.wire_dtypes}
-        clients = {w: pool.spawn(_grpc_client, servers[w].recv(), args, w) for w in servers}
+        addresses = {w: pipe.recv() for w, pipe in servers.items()}
+        clients = {w: pool.spawn(_grpc_client, addresses[w], args, w) for w in servers}
         gloo[0].recv()
         tcp.recv()
         keys_by_wire = {wire: pipe.recv() for wire, pipe in clients.items()}
@@ -259,8 +276,10 @@ def run_interleaved(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
         rss = {}
         for wire in clients:
             clients[wire].send(STOP)
+            rss[f"{wire} benchmark client"] = clients[wire].recv()
+            probe = pool.spawn(_rss_probe, addresses[wire], args.sizes_mb, wire, args.repeats)
+            rss[f"{wire} peer-like client"] = probe.recv()
             servers[wire].send(STOP)
-            rss[f"{wire} client"] = clients[wire].recv()
             rss[f"{wire} server"] = servers[wire].recv()
         return {"samples": samples, "rss": rss}
     finally:
@@ -391,15 +410,15 @@ def main(argv: list[str] | None = None) -> int:
         f"{DEFAULT_CHECKSUM} (used) {used_seconds * 1e3:.1f} ms, "
         f"memcpy {copy_seconds * 1e3:.1f} ms"
     )
-    vectors_mib = sum(args.sizes_mb) * MB / MIB
+    vectors_mib = max(args.sizes_mb) * MB / MIB
     rss: dict[str, Any] = {}
     for side, report in measured["rss"].items():
         growth = (report["peak_mib"] - report["baseline_mib"]) / vectors_mib
-        rss[side] = {**report, "growth_x_vectors": growth}
+        rss[side] = {**report, "growth_x_largest_vector": growth}
         print(
             f"peak RSS gRPC {side}: {report['peak_mib']:.0f} MiB, "
             f"+{report['peak_mib'] - report['baseline_mib']:.0f} MiB over its start = "
-            f"{growth:.2f}x the {vectors_mib:.0f} MiB of vectors it holds"
+            f"{growth:.2f}x the largest vector ({vectors_mib:.0f} MiB)"
         )
     report_json: dict[str, Any] = {
         "rows": rows,

@@ -27,7 +27,7 @@ M_TRIM_THRESHOLD = -1  # glibc <malloc.h>
 M_MMAP_THRESHOLD = -3
 # Largest value glibc accepts for M_MMAP_THRESHOLD on 64-bit (DEFAULT_MMAP_THRESHOLD_MAX).
 MAX_MMAP_THRESHOLD_BYTES = 32 << 20
-DEFAULT_TRIM_THRESHOLD_BYTES = 64 << 20
+DEFAULT_TRIM_THRESHOLD_BYTES = 32 << 20
 
 _lock = threading.Lock()
 _applied: tuple[int, int] | None = None
