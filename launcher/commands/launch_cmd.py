@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from launcher.cluster import LocalCluster, free_ports
+from launcher.cluster import LocalCluster, PeerProcess, free_ports
 from launcher.errors import UsageError
 from launcher.view import ClusterView
 
@@ -178,14 +178,8 @@ def _watch_loop(cluster: LocalCluster, view: ClusterView, args: argparse.Namespa
             failed = cluster.failed()
             if failed is not None:
                 cluster.stop()
-                code = failed.process.returncode
-                print(
-                    f"\ndecentlam: peer {failed.rank} exited with status {code}; "
-                    f"last lines of {failed.log_path}:",
-                    file=sys.stderr,
-                )
-                print(cluster.log_tail(failed.rank), file=sys.stderr)
-                return 1
+                print(file=sys.stderr)
+                return _report_dead_peer(cluster, failed)
             if time.monotonic() > deadline:
                 cluster.stop()
                 print(f"\ndecentlam: timed out after {args.timeout} s", file=sys.stderr)
@@ -201,11 +195,16 @@ def _watch_loop(cluster: LocalCluster, view: ClusterView, args: argparse.Namespa
         return 130
     failed = cluster.failed()
     if failed is not None:
-        print(
-            f"decentlam: peer {failed.rank} exited with status {failed.process.returncode}; "
-            f"last lines of {failed.log_path}:",
-            file=sys.stderr,
-        )
-        print(cluster.log_tail(failed.rank), file=sys.stderr)
-        return 1
+        return _report_dead_peer(cluster, failed)
     return 0
+
+
+def _report_dead_peer(cluster: LocalCluster, failed: PeerProcess) -> int:
+    """Name the peer that died, with its status and the end of its log; returns exit status 1."""
+    print(
+        f"decentlam: peer {failed.rank} exited with status {failed.process.returncode}; "
+        f"last lines of {failed.log_path}:",
+        file=sys.stderr,
+    )
+    print(cluster.log_tail(failed.rank), file=sys.stderr)
+    return 1
