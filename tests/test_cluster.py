@@ -1,6 +1,6 @@
 """Real peer processes over gRPC on loopback: they train exactly like the simulator.
 
-These are the few, focused multi-process tests (STYLE.md rule 9): 4 small peers, full-batch
+These are the few, focused multi-process tests: 4 small peers, full-batch
 least squares, a few dozen steps.
 """
 

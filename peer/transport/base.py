@@ -8,8 +8,8 @@ Decentralized methods need exactly two collective operations:
 
 Both are started without blocking and return a :class:`Handle`; ``handle.wait()`` returns the
 mixed vector. A :class:`Communicator` is one peer's end of a transport. There are two
-transports behind the same interface (STYLE.md: "one gRPC implementation, one in-memory
-implementation for fast tests, and one shared contract test run against both"):
+transports behind the same interface, and one contract test
+(``tests/test_exchange_contract.py``) runs against both:
 
 * :class:`InMemoryFabric` / :class:`InMemoryCommunicator` (this module): peers are threads of
   one process sharing a board of published vectors. Used by fast unit tests of the optimizers.

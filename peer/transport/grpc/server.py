@@ -1,6 +1,6 @@
 """The gRPC side of a peer: the ``decentlam.v1.Peer`` servicer, its server and its loop thread.
 
-The servicer is thin (STYLE.md): it turns protobuf requests into :mod:`peer.transport.grpc.wire`
+The servicer is thin: it turns protobuf requests into :mod:`peer.transport.grpc.wire`
 domain
 objects, asks the :class:`~peer.store.VersionStore` and the
 :class:`~peer.transport.grpc.security.ReadPolicy`,
