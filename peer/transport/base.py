@@ -206,6 +206,8 @@ class Communicator(abc.ABC):
 
     rank: int
     world_size: int
+    # The topology whose views give default weights; None when every call passes weights.
+    topology: TopologyLike | None = None
 
     @abc.abstractmethod
     def neighbor_average_async(
@@ -262,8 +264,7 @@ class Communicator(abc.ABC):
         transports' :meth:`neighbor_average_async`)."""
         if max_staleness < 0:
             raise ValueError(f"max_staleness must be >= 0, got {max_staleness}")
-        topology = getattr(self, "topology", None)
-        return resolve_weights(topology, self.rank, step, self_weight, src_weights)
+        return resolve_weights(self.topology, self.rank, step, self_weight, src_weights)
 
     def neighbor_average(
         self,

@@ -15,11 +15,11 @@ import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from importlib import metadata
 from typing import Any
 
 import torch
 
+from peer import __version__
 from peer.errors import PeerUnavailable
 from peer.transport.base import TopologyLike
 from peer.transport.grpc.client import PeerClient
@@ -34,13 +34,6 @@ from topology.manifest import MAX_CHUNK_BYTES, ExchangeSpec
 logger = logging.getLogger(__name__)
 
 MIB = 1 << 20
-
-
-def _software_version() -> str:
-    try:
-        return metadata.version("decentlam")
-    except metadata.PackageNotFoundError:
-        return "unknown"
 
 
 #: The manifest's ``exchange`` section with every default: the one definition (type, range,
@@ -172,7 +165,7 @@ class PeerNode:
             chunk_bytes=config.chunk_bytes,
             default_wait_seconds=config.fetch_deadline_seconds,
             manifest_digest=config.manifest_digest,
-            software_version=_software_version(),
+            software_version=__version__,
         )
         node = cls(rank, config, served)
         node.server, node.port = create_server(
