@@ -16,7 +16,7 @@ from collections.abc import Mapping
 import torch
 import torch.distributed as dist
 
-from peer.errors import ExchangeTimeout
+from peer.errors import ExchangeError, ExchangeTimeout
 from peer.transport.base import Communicator, ExchangeStats, Handle
 
 logger = logging.getLogger(__name__)
@@ -53,18 +53,23 @@ class _AllReduceHandle(Handle):
 
     def wait(self, timeout: float | None = None) -> torch.Tensor:
         if self._result is None:
-            entered = time.monotonic()
-            if timeout is None:
-                try:
-                    self._work.wait()  # bounded by the process group's timeout
-                finally:
-                    self.stats.wait_seconds += time.monotonic() - entered
-            elif not self.wait_done(timeout):
+            if timeout is not None and not self.wait_done(timeout):
                 raise ExchangeTimeout(
                     f"all-reduce of step {self._step} did not finish within {timeout} s",
                     step=self._step,
                 )
-            self._work.wait()  # completed: surfaces a failed collective's error
+            entered = time.monotonic()
+            try:
+                # Completed: surfaces a failed collective's error. Without a timeout: blocks,
+                # bounded by the process group's own timeout.
+                self._work.wait()
+            except RuntimeError as exc:  # gloo/NCCL report a failed collective this way
+                raise ExchangeError(
+                    f"all-reduce of step {self._step} failed: {exc}", step=self._step
+                ) from exc
+            finally:
+                if timeout is None:
+                    self.stats.wait_seconds += time.monotonic() - entered
             self._result = self._buffer.div_(self._world_size)
             self.stats.bytes_received = self._buffer.numel() * self._buffer.element_size()
         return self._result
