@@ -43,8 +43,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 DIGEST_VECTOR = "startup/param-digest"
-# Start-up waits look at the stop request (SIGTERM) this often.
+# The digest wait looks at the stop request (SIGTERM) this often.
 STARTUP_POLL_SECONDS = 0.5
+# After a digest did not come: how long to probe the neighbours to tell dead from starting.
+REACHABILITY_PROBE_SECONDS = 2.0
 
 
 class PeerSetupError(RuntimeError):
@@ -147,7 +149,7 @@ def check_identical_init(
 def _reachability(comm: GrpcCommunicator) -> str:
     """Which neighbours answer Info now: tells a dead neighbour from one still starting."""
     try:
-        comm.wait_for_neighbors(timeout=STARTUP_POLL_SECONDS)
+        comm.wait_for_neighbors(timeout=REACHABILITY_PROBE_SECONDS)
     except ExchangeError as exc:
         return str(exc)
     return (
@@ -159,8 +161,7 @@ def _reachability(comm: GrpcCommunicator) -> str:
 def wait_for_neighbors(
     comm: GrpcCommunicator, timeout: float, stop: threading.Event | None = None
 ) -> dict[int, PeerInfo]:
-    """Wait until every neighbour answers Info, in rounds of ``STARTUP_POLL_SECONDS``, so a
-    stop request ends the wait within one round.
+    """Wait until every neighbour answers Info; a stop request ends the wait at once.
 
     Returns:
         ``{rank: PeerInfo}`` of every neighbour.
@@ -169,16 +170,12 @@ def wait_for_neighbors(
         PeerSetupError: naming the neighbours that did not answer (within ``timeout``, or
             before the stop request).
     """
-    deadline = time.monotonic() + timeout
-    while True:
-        remaining = deadline - time.monotonic()
-        try:
-            return comm.wait_for_neighbors(timeout=max(0.05, min(STARTUP_POLL_SECONDS, remaining)))
-        except ExchangeError as exc:
-            if stop is not None and stop.is_set():
-                raise PeerSetupError(f"stopped during start-up: {exc}") from None
-            if remaining <= STARTUP_POLL_SECONDS:
-                raise PeerSetupError(f"{exc} (waited {timeout:.3g} s)") from None
+    try:
+        return comm.wait_for_neighbors(timeout, stop=stop)
+    except ExchangeError as exc:
+        if stop is not None and stop.is_set():
+            raise PeerSetupError(f"stopped during start-up: {exc}") from None
+        raise PeerSetupError(f"{exc} (waited {timeout:.3g} s)") from None
 
 
 def _exchange_config(manifest: Any, token: str | None) -> Any:

@@ -51,6 +51,9 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["ExchangeConfig", "GrpcCommunicator", "GrpcHandle"]
 
+# How often a wait that can be stopped looks at its stop event.
+STOP_POLL_SECONDS = 0.1
+
 
 class GrpcHandle(Handle):
     """A gRPC exchange in flight; ``wait`` mixes with :func:`peer.transport.base.weighted_sum`."""
@@ -321,22 +324,40 @@ class GrpcCommunicator(Communicator):
         received = self._loop_thread.run(one(), seconds + 1.0)
         return received.step, received.tensor
 
-    def wait_for_neighbors(self, timeout: float) -> dict[int, PeerInfo]:
+    def wait_for_neighbors(
+        self, timeout: float, stop: threading.Event | None = None
+    ) -> dict[int, PeerInfo]:
         """Call Info on every known neighbour until all answer or ``timeout`` passes.
+
+        Args:
+            timeout: seconds to wait for every neighbour.
+            stop: when set, the wait ends within ``STOP_POLL_SECONDS`` (a stop request).
 
         Returns:
             ``{rank: PeerInfo}`` of every neighbour.
 
         Raises:
-            PeerUnavailable: naming every neighbour that did not answer in time.
+            PeerUnavailable: naming every neighbour that did not answer in time (or before the
+                stop request).
         """
 
         async def probe_all() -> dict[int, PeerInfo | BaseException]:
-            ranks = sorted(self._node.clients)
-            results = await asyncio.gather(
-                *(self._node.clients[r].call_info(timeout) for r in ranks), return_exceptions=True
-            )
-            return dict(zip(ranks, results, strict=True))
+            calls = {
+                r: asyncio.ensure_future(client.call_info(timeout))
+                for r, client in sorted(self._node.clients.items())
+            }
+            pending = set(calls.values())
+            poll = None if stop is None else STOP_POLL_SECONDS
+            while pending and not (stop is not None and stop.is_set()):
+                _, pending = await asyncio.wait(pending, timeout=poll)
+            results: dict[int, PeerInfo | BaseException] = {}
+            for r, call in calls.items():
+                if call.done():
+                    results[r] = call.exception() or call.result()
+                else:
+                    call.cancel()
+                    results[r] = PeerUnavailable("no answer before the stop request", neighbor=r)
+            return results
 
         results = self._loop_thread.run(probe_all(), timeout + 1.0)
         failed = {r: e for r, e in results.items() if isinstance(e, BaseException)}
