@@ -8,8 +8,13 @@
 4. build the task under the manifest's seed and check, by exchanging a digest, that every
    neighbour starts from identical parameters;
 5. train with the manifest's algorithm (overlapped exchanges unless ``blocking``);
-6. on SIGTERM/SIGINT or at the end: checkpoint, keep serving until the out-neighbours have
-   fetched the last step (bounded by a deadline), stop serving, write ``peer-<r>.json``.
+6. at the end: checkpoint, keep serving until the out-neighbours have fetched the last step
+   (bounded by a deadline), stop everything it started, write ``peer-<r>.json``.
+
+SIGTERM/SIGINT sets one stop event that every wait looks at: during steps 3 and 4 it ends the
+wait with a :class:`PeerSetupError` naming the neighbours still missing; during training the
+step in flight is abandoned whole, the checkpoint is written and the peer exits without
+lingering.
 """
 
 from __future__ import annotations
