@@ -9,12 +9,13 @@ for bit when there is no fault).
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
 import torch
 
-from peer.errors import FellBehind
+from peer.errors import FellBehind, StepEvicted
 from peer.transport.grpc.communicator import ExchangeConfig, GrpcCommunicator
 from tests.conftest import GrpcPeers
 from tests.test_live_graph import reference_live_matrix
@@ -111,3 +112,19 @@ def test_peer_far_behind_gets_fell_behind(grpc_peers: GrpcPeers) -> None:
     with pytest.raises(FellBehind, match="fell behind") as caught:
         a.neighbor_average("v", torch.zeros(2), 1)
     assert caught.value.neighbor in (1, 2)
+
+
+@pytest.mark.timeout(60)
+def test_skipped_steps_are_refused_at_once_and_mark_the_neighbour_down(
+    grpc_peers: GrpcPeers,
+) -> None:
+    topo = make_topology("ring", 3)
+    a, b, _ = grpc_peers(3, topology=topo, config=CONFIG)
+    for k in (0, 1, 5):  # b rejoined at step 5 from a neighbour's state: 2..4 never come
+        b.publish("v", torch.ones(2), k)
+    started = time.monotonic()
+    with pytest.raises(StepEvicted, match="skipped"):
+        a.fetch(1, "v", 3, like=torch.empty(2), timeout=5)
+    assert time.monotonic() - started < 2.0
+    a.neighbor_average("v", torch.zeros(2), 3)  # live mode: b is down for a, not fatal
+    assert a.link_states()[1] is False
