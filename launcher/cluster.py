@@ -58,6 +58,10 @@ class PeerProgress:
         latency_p50_seconds: median exchange latency so far.
         blocked_share: share of training time spent blocked on exchanges so far.
         reachable: whether the endpoint answered.
+        live_neighbors: in-neighbours the peer currently mixes (live membership).
+        membership_changes: neighbours it marked down or re-admitted so far.
+        rejoins: times it rejoined from a neighbour's state.
+        rejoin_seconds: duration of its last rejoin (process start to first mixed step).
     """
 
     step: float = math.nan
