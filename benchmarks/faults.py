@@ -17,7 +17,7 @@ blocks longer than the detection delay plus one step. Then ``pmsgd`` with one ki
 all-reduce fails on every peer. Last, the drift of the network average caused by a down peer
 on each graph (pure, from the live mixing matrices).
 
-    python benchmarks/faults.py [--nodes 8] [--steps 300] [--graphs ring,one-peer-exponential]
+    python benchmarks/faults.py [--nodes 8] [--steps 600] [--graphs ring,one-peer-exponential]
 
 Prints a table and writes JSON (``--out``, default ``runs/faults.json``).
 """
@@ -86,9 +86,10 @@ def run_case(
     first, second = args.kill_ranks
     faults = {
         "clean": "",
-        "kill": f"kill:{first}@{args.steps // 3},kill:{second}@{2 * args.steps // 3}",
-        "stall": f"stall:{first}@{args.steps // 3}={args.stall_seconds}",
-        "pmsgd-kill": f"kill:{first}@{args.steps // 3}",
+        # early enough that the restarted peer finds its neighbours still training
+        "kill": f"kill:{first}@{args.steps // 6},kill:{second}@{2 * args.steps // 3}",
+        "stall": f"stall:{first}@{args.steps // 6}={args.stall_seconds}",
+        "pmsgd-kill": f"kill:{first}@{args.steps // 6}",
     }[case]
     env = {"DECENTLAM_FAULTS": faults} if faults else {}
     cluster = LocalCluster(manifest, root / "out", ["--linger-seconds", "20"], env=env)
@@ -190,7 +191,7 @@ def print_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nodes", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--graphs", default="ring,one-peer-exponential")
     parser.add_argument("--cases", default="clean,kill,stall")
     parser.add_argument("--kill-ranks", type=int, nargs=2, default=(2, 5))
