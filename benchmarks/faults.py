@@ -91,7 +91,13 @@ def run_case(
         "stall": f"stall:{first}@{args.steps // 6}={args.stall_seconds}",
         "pmsgd-kill": f"kill:{first}@{args.steps // 6}",
     }[case]
-    env = {"DECENTLAM_FAULTS": faults} if faults else {}
+    if args.step_delay:
+        # Every peer sleeps this long per step in every case: a slower run without more CPU, so
+        # that a restarted peer (interpreter and torch start-up take long on a loaded machine)
+        # still finds its neighbours training.
+        slow = ",".join(f"delay:{r}={args.step_delay}" for r in range(args.nodes))
+        faults = f"{faults},{slow}" if faults else slow
+    env = {"DECENTLAM_FAULTS": faults}
     cluster = LocalCluster(manifest, root / "out", ["--linger-seconds", "20"], env=env)
     started = time.monotonic()
     cluster.start()
@@ -196,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", default="clean,kill,stall")
     parser.add_argument("--kill-ranks", type=int, nargs=2, default=(2, 5))
     parser.add_argument("--stall-seconds", type=float, default=20.0)
+    parser.add_argument("--step-delay", type=float, default=0.05, help="sleep per step, s")
     parser.add_argument("--detection-seconds", type=float, default=5.0)
     parser.add_argument("--connect-seconds", type=float, default=30.0)
     parser.add_argument("--timeout", type=float, default=600.0)

@@ -18,6 +18,9 @@ from peer.training.checkpoint import load_checkpoint
 from tests.test_cluster import N, write_manifest
 
 SLOW_STEP = ",".join(f"delay:{r}=0.02" for r in range(N))  # ~50 steps per second per peer
+# Slower still where a restarted peer must find its neighbours training: interpreter and torch
+# start-up alone took ~20 s on the loaded 2-core reference machine.
+SLOWER_STEP = ",".join(f"delay:{r}=0.05" for r in range(N))
 
 
 def launch(tmp_path: Path, steps: int, faults: str, *flags: str) -> tuple[int, str, Path]:
@@ -46,7 +49,7 @@ def peer_json(out: Path, rank: int) -> dict:
 def test_killed_peer_restarts_and_rejoins_while_a_link_is_cut(tmp_path: Path) -> None:
     steps = 500
     code, stderr, out = launch(
-        tmp_path, steps, f"drop:0->1@20+20,kill:2@100,{SLOW_STEP}", "--max-restarts", "1"
+        tmp_path, steps, f"drop:0->1@20+20,kill:2@100,{SLOWER_STEP}", "--max-restarts", "1"
     )
     logs = "\n".join((out / "logs" / f"rank-{r}.log").read_text()[-3000:] for r in range(N))
     assert code == 0, stderr + logs
