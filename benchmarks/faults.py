@@ -149,7 +149,7 @@ def average_drift(graph: str, n: int, dead: int, steps: int, seed: int = 0) -> f
     mode = mixing_mode(topo.weights, topo.is_time_varying).value
     x = np.random.default_rng(seed).standard_normal(n)
     live = [i for i in range(n) if i != dead]
-    before = x[live].mean()
+    before, spread = x[live].mean(), x[live].std()
     for k in range(steps):
         W = np.zeros((n, n))
         W[dead, dead] = 1.0
@@ -174,7 +174,7 @@ def average_drift(graph: str, n: int, dead: int, steps: int, seed: int = 0) -> f
             for j, w in row.items():
                 W[i, j] = w
         x = W @ x
-    return float(abs(x[live].mean() - before) / x.std())
+    return float(abs(x[live].mean() - before) / spread)
 
 
 def print_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
