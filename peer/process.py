@@ -15,6 +15,13 @@ SIGTERM/SIGINT sets one stop event that every wait looks at: during steps 3 and 
 wait with a :class:`PeerSetupError` naming the neighbours still missing; during training the
 step in flight is abandoned whole, the checkpoint is written and the peer exits without
 lingering.
+
+A peer that finds its neighbours already training (it was restarted) waits for the ones that
+answer only, skips 4 and rejoins instead: it takes a live neighbour's state through GetState
+(:mod:`peer.rejoin`), unless its own checkpoint is at least as recent. While training, a
+neighbour that fails is marked down and the others go on (live membership,
+``exchange.failure_detection_seconds``, see :mod:`peer.transport.grpc.node`); faults are
+injected from ``DECENTLAM_FAULTS`` (:mod:`peer.faults`).
 """
 
 from __future__ import annotations
@@ -35,6 +42,9 @@ import torch
 
 from peer import __version__
 from peer.errors import ExchangeError
+from peer.faults import FaultInjector
+from peer.rejoin import Rejoiner, StepBoundaryState, process_start_time
+from peer.training.checkpoint import checkpoint_path, load_checkpoint
 from peer.training.metrics import TrainingMetrics
 from peer.training.optim import DecentralizedOptimizer
 from peer.training.tasks import build_task
@@ -52,6 +62,13 @@ DIGEST_VECTOR = "startup/param-digest"
 STARTUP_POLL_SECONDS = 0.5
 # After a digest did not come: how long to probe the neighbours to tell dead from starting.
 REACHABILITY_PROBE_SECONDS = 2.0
+# Every vector name a peer publishes (optimizer buckets, consensus, start-up digest), with or
+# without the global-average prefix: a Fetch of any other name is answered NOT_FOUND at once.
+PEER_VECTOR_NAMES = (
+    r"(global/)?params\d+\.\w+/\d+",
+    r"(global/)?consensus/params",
+    r"(global/)?startup/param-digest",
+)
 
 
 class PeerSetupError(RuntimeError):
@@ -187,11 +204,15 @@ def _exchange_config(manifest: Any, token: str | None) -> Any:
     from peer.transport.grpc.node import ExchangeConfig
 
     tls = manifest.security.tls
+    # PmSGD's all-reduce over gloo cannot lose a rank: its peers keep the strict exchange.
+    live = manifest.training.algorithm != "pmsgd"
     return ExchangeConfig.from_spec(
         manifest.exchange,
         token=token,
         tls=None if tls is None else _tls_config(tls),
         manifest_digest=manifest.digest(),
+        failure_detection_seconds=manifest.exchange.failure_detection_seconds if live else None,
+        known_names=PEER_VECTOR_NAMES,
     )
 
 
@@ -302,10 +323,16 @@ def run_peer(options: PeerOptions) -> TrainResult:
             owned.callback(_stop_http_server, httpd)
             logger.info("metrics on http://%s:%d/metrics", me.host, me.metrics_port)
         token = read_token(manifest.security.token_file)
+        started = process_start_time()
+        faults = FaultInjector.from_env(rank)
         comm = _start_communicator(manifest, me, topology, registry, token, options, stop)
         owned.callback(comm.close)
-        for neighbor in contacts(topology, rank, world_size, False):
+        if faults.plan.drops:
+            comm.set_link_filter(faults.link_cut)
+        neighbours = frozenset(contacts(topology, rank, world_size, False))
+        for neighbor in neighbours:
             metrics.set_neighbor_up(neighbor, True)
+        metrics.live_neighbors.set(len(neighbours))
         torch.manual_seed(training.seed)
         task = build_task(
             training.task,
@@ -314,11 +341,27 @@ def run_peer(options: PeerOptions) -> TrainResult:
             {"seed": training.seed, "batch_size": training.batch_size, **training.task_options},
         )
         task.model.to(device)
-        if training.algorithm != "pmsgd":
+        live = comm.membership is not None
+        ahead = _neighbours_ahead(comm) if live else {}
+        if training.algorithm != "pmsgd" and not ahead:
             check_identical_init(comm, topology, task.model, stop)
         optimizer = _build_optimizer(manifest, task.model, comm, staleness, options)
         if optimizer.communicator is not comm:  # PmSGD's torch.distributed process group
             owned.callback(optimizer.communicator.close)
+        deadline = manifest.exchange.fetch_deadline_seconds
+        provider = StepBoundaryState(task.model, optimizer, timeout_seconds=deadline)
+        rejoiner: Rejoiner | None = None
+        if live:
+            comm.set_state_provider(provider)
+            rejoiner = Rejoiner(comm, task.model, optimizer, metrics, deadline, neighbours)
+
+        def on_step(step: int, loss: float) -> None:
+            comm.set_current_step(step)
+            provider.at_boundary(step)
+            if rejoiner is not None:
+                rejoiner.after_step(step)
+            faults.after_step(step)
+
         trainer = Trainer(
             task,
             optimizer,
@@ -334,11 +377,15 @@ def run_peer(options: PeerOptions) -> TrainResult:
             ),
             communicator=comm if training.algorithm != "pmsgd" else None,
             metrics=metrics,
-            on_step=lambda step, loss: comm.set_current_step(step),
+            on_step=on_step,
             bytes_sent=lambda: sent_bytes(registry),
             stop_event=stop,
+            rejoin=None if rejoiner is None else rejoiner.on_fell_behind,
         )
+        if rejoiner is not None and ahead:
+            _rejoin_at_start(trainer, rejoiner, ahead, started, out_dir, rank, options.resume)
         result = trainer.run()
+        provider.finish(trainer.step)
         # current_step = steps + 1 says "finished, final evaluation included" to the readers.
         comm.set_current_step(trainer.step + 1)
         if stop.is_set():
@@ -346,9 +393,46 @@ def run_peer(options: PeerOptions) -> TrainResult:
         else:
             _linger(comm, topology, rank, trainer.step, options.linger_seconds)
     path = out_dir / f"peer-{rank}.json"
-    path.write_text(json.dumps(result.to_dict(), indent=2, default=float))
+    report = result.to_dict()
+    if rejoiner is not None:
+        report["membership"] = {**rejoiner.report(), "incarnation": faults.incarnation}
+    path.write_text(json.dumps(report, indent=2, default=float))
     logger.info("peer %d done: %s", rank, path)
     return result
+
+
+def _neighbours_ahead(comm: GrpcCommunicator) -> dict[int, int]:
+    """``{rank: step}`` of neighbours already training (this peer was restarted)."""
+    infos = comm.probe_neighbors(timeout=1.0)
+    return {r: i.current_step for r, i in infos.items() if i.state_available and i.current_step > 0}
+
+
+def _rejoin_at_start(
+    trainer: Trainer,
+    rejoiner: Rejoiner,
+    ahead: dict[int, int],
+    started: float,
+    out_dir: Path,
+    rank: int,
+    resume: bool,
+) -> None:
+    """Take the freshest neighbour's state, unless our own checkpoint is at least as recent."""
+    path = checkpoint_path(out_dir, rank)
+    if resume and path.exists():
+        try:
+            own_step = int(load_checkpoint(path)["step"])
+        except ValueError as exc:
+            logger.warning("checkpoint unusable (%s): taking a neighbour's state", exc)
+            own_step = -1
+        if own_step >= max(ahead.values()):
+            logger.info("own checkpoint (step %d) is as recent as the neighbours'", own_step)
+            return
+        logger.info(
+            "own checkpoint (step %d) is older than the neighbours' (step %d): taking theirs",
+            own_step, max(ahead.values()),
+        )  # fmt: skip
+    trainer.step = rejoiner.take_state(ahead, started, "restart")
+    trainer.config.resume = False
 
 
 def _stop_http_server(httpd: Any) -> None:
@@ -403,7 +487,10 @@ def _start_communicator(
         registry=registry,
     )
     try:
-        infos = wait_for_neighbors(comm, manifest.exchange.connect_deadline_seconds, stop)
+        infos = comm.probe_neighbors(timeout=1.0)
+        if comm.membership is None or not any(i.current_step > 0 for i in infos.values()):
+            # A fresh start: every neighbour must come (a rejoining peer needs only one).
+            infos = wait_for_neighbors(comm, manifest.exchange.connect_deadline_seconds, stop)
         mismatched = sorted(
             r for r, info in infos.items() if info.manifest_digest != manifest.digest()
         )

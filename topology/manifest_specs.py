@@ -489,6 +489,13 @@ class ExchangeSpec:
     bucket_bytes: Annotated[
         StrictInt, Field(ge=1, description="Bytes of parameters per exchanged bucket.")
     ] = 4 << 20
+    failure_detection_seconds: Annotated[
+        Number,
+        Field(
+            gt=0.0,
+            description="A neighbour silent this long is marked down; the others go on.",
+        ),
+    ] = 5.0
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form, as written in the manifest."""

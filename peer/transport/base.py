@@ -359,7 +359,8 @@ def choose_step(
         The chosen step, or ``None`` when none is acceptable yet (wait for a publish).
 
     Raises:
-        StepEvicted: ``step`` is older than the oldest retained step: it will never come.
+        StepEvicted: ``step`` is older than the oldest retained step, or newer steps are retained
+            but none in range (the peer skipped them): it will never come.
     """
     if not retained_steps:
         return None
@@ -373,6 +374,19 @@ def choose_step(
         owner = "" if neighbor is None else f"peer {neighbor}: "
         raise StepEvicted(
             f"{owner}{name!r} step {step} is no longer retained (oldest retained: {oldest})",
+            neighbor=neighbor,
+            name=name,
+            step=step,
+            oldest_step=oldest,
+        )
+    newest = retained_steps[-1]
+    if newest > step:
+        # Published past the range without it: the peer skipped those steps (it rejoined from a
+        # neighbour's state, peer.rejoin); they will never come.
+        owner = "" if neighbor is None else f"peer {neighbor}: "
+        raise StepEvicted(
+            f"{owner}{name!r} steps [{min_step}, {step}] were skipped (it rejoined at a later "
+            f"step; retained: {list(retained_steps)})",
             neighbor=neighbor,
             name=name,
             step=step,

@@ -39,6 +39,7 @@ from peer.transport.grpc.wire import (
     PeerInfo,
     RangeAssembler,
     StateHeader,
+    VersionHeader,
     decode_fetch_response,
     decode_state_response,
     info_from_pb,
@@ -71,6 +72,7 @@ class FetchResult:
     nbytes: int
     chunks: int
     retries: int
+    live_neighbors: tuple[int, ...] | None = None
 
 
 def to_exchange_error(
@@ -210,7 +212,7 @@ class PeerClient:
         chunk_bytes: int,
         parallel_streams: int,
         timeout: float,
-    ) -> tuple[int, int]:
+    ) -> tuple[VersionHeader, int]:
         total = len(dest)
         parts = max(1, min(parallel_streams, total // MIN_RANGE_BYTES))
         ranges = split_ranges(total, parts, chunk_bytes)
@@ -267,7 +269,7 @@ class PeerClient:
         header = first.header
         if header is None:  # finish() refuses a stream without a header: cannot happen
             raise WireError(f"no header in the {name!r} stream from peer {self.neighbor}")
-        return header.step, sum(a.received_chunks for a in assemblers)
+        return header, sum(a.received_chunks for a in assemblers)
 
     async def fetch_into(
         self,
@@ -318,10 +320,10 @@ class PeerClient:
                         name=name,
                         step=step,
                     )
-                served, chunks = await self._fetch_once(
+                header, chunks = await self._fetch_once(
                     name, step, min_step, dest, like, chunk_bytes, parallel_streams, timeout
                 )
-                return FetchResult(served, len(dest), chunks, retries)
+                return FetchResult(header.step, len(dest), chunks, retries, header.live_neighbors)
             except grpc.aio.AioRpcError as exc:
                 retry_in = backoff_seconds * (2**retries)
                 if (

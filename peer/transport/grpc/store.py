@@ -65,6 +65,8 @@ class Version:
         host: contiguous CPU tensor holding the payload (pinned for CUDA sources).
         payload: byte view of ``host``; served in slices.
         ready: CUDA event marking the end of the device-to-host copy (None on CPU).
+        live_neighbors: in-neighbours the publisher mixes at this step (advertised in the
+            Fetch header), or None when it declares none.
     """
 
     name: str
@@ -74,6 +76,7 @@ class Version:
     host: torch.Tensor
     payload: memoryview
     ready: torch.cuda.Event | None = None
+    live_neighbors: tuple[int, ...] | None = None
     _checksum: asyncio.Future[int] | None = field(default=None, repr=False)
 
     @property

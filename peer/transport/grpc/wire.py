@@ -176,6 +176,8 @@ class VersionHeader:
     chunk_count: int
     chunk_bytes: int
     checksum_kind: str = CRC32
+    # The sender's live in-neighbours at `step`; None when it declared none (older peers).
+    live_neighbors: tuple[int, ...] | None = None
 
 
 def header_to_pb(header: VersionHeader) -> pb.FetchResponse:
@@ -194,6 +196,8 @@ def header_to_pb(header: VersionHeader) -> pb.FetchResponse:
             range_length=header.range_length,
             chunk_count=header.chunk_count,
             chunk_bytes=header.chunk_bytes,
+            live_neighbors=list(header.live_neighbors or ()),
+            live_view_sent=header.live_neighbors is not None,
         )
     )
 
@@ -231,6 +235,7 @@ def decode_fetch_response(data: bytes) -> VersionHeader | memoryview | Malformed
         chunk_count=h.chunk_count,
         chunk_bytes=h.chunk_bytes,
         checksum_kind=CHECKSUM_NAMES[h.checksum_kind],
+        live_neighbors=tuple(h.live_neighbors) if h.live_view_sent else None,
     )
 
 

@@ -24,37 +24,37 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x64\x65\x63\x65ntlam/v1/peer.proto\x12\x0c\x64\x65\x63\x65ntlam.v1\"\x96\x01\n\x0c\x46\x65tchRequest\x12\x13\n\x0b\x63\x61ller_rank\x18\x01 \x01(\x05\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\x10\n\x08min_step\x18\x04 \x01(\x03\x12\x17\n\x0fmax_chunk_bytes\x18\x05 \x01(\r\x12\x14\n\x0crange_offset\x18\x06 \x01(\x04\x12\x14\n\x0crange_length\x18\x07 \x01(\x04\"\x8c\x02\n\x0b\x46\x65tchHeader\x12\x13\n\x0bsender_rank\x18\x01 \x01(\x05\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\r\n\x05shape\x18\x05 \x03(\x03\x12\x13\n\x0btotal_bytes\x18\x06 \x01(\x04\x12\x31\n\rchecksum_kind\x18\x07 \x01(\x0e\x32\x1a.decentlam.v1.ChecksumKind\x12\x10\n\x08\x63hecksum\x18\x08 \x01(\r\x12\x14\n\x0crange_offset\x18\t \x01(\x04\x12\x14\n\x0crange_length\x18\n \x01(\x04\x12\x13\n\x0b\x63hunk_count\x18\x0b \x01(\r\x12\x13\n\x0b\x63hunk_bytes\x18\x0c \x01(\r\"X\n\rFetchResponse\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.decentlam.v1.FetchHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\t\n\x07payload\"\"\n\x0bInfoRequest\x12\x13\n\x0b\x63\x61ller_rank\x18\x01 \x01(\x05\",\n\rRetainedSteps\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05steps\x18\x02 \x03(\x03\"\xc1\x01\n\x0cInfoResponse\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x14\n\x0c\x63urrent_step\x18\x02 \x01(\x03\x12\x17\n\x0fmanifest_digest\x18\x03 \x01(\t\x12\x18\n\x10software_version\x18\x04 \x01(\t\x12\x12\n\nworld_size\x18\x05 \x01(\x05\x12-\n\x08retained\x18\x06 \x03(\x0b\x32\x1b.decentlam.v1.RetainedSteps\x12\x17\n\x0fstate_available\x18\x07 \x01(\x08\"?\n\x0fGetStateRequest\x12\x13\n\x0b\x63\x61ller_rank\x18\x01 \x01(\x05\x12\x17\n\x0fmax_chunk_bytes\x18\x02 \x01(\r\"X\n\nStateEntry\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x0e\n\x06length\x18\x05 \x01(\x04\"\x86\x02\n\x0bStateHeader\x12\x13\n\x0bsender_rank\x18\x01 \x01(\x05\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12%\n\x04kind\x18\x03 \x01(\x0e\x32\x17.decentlam.v1.StateKind\x12)\n\x07\x65ntries\x18\x04 \x03(\x0b\x32\x18.decentlam.v1.StateEntry\x12\x13\n\x0btotal_bytes\x18\x05 \x01(\x04\x12\x31\n\rchecksum_kind\x18\x06 \x01(\x0e\x32\x1a.decentlam.v1.ChecksumKind\x12\x10\n\x08\x63hecksum\x18\x07 \x01(\r\x12\x13\n\x0b\x63hunk_count\x18\x08 \x01(\r\x12\x13\n\x0b\x63hunk_bytes\x18\t \x01(\r\"[\n\x10GetStateResponse\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.decentlam.v1.StateHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\t\n\x07payload*`\n\x0c\x43hecksumKind\x12\x1d\n\x19\x43HECKSUM_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13\x43HECKSUM_KIND_CRC32\x10\x01\x12\x18\n\x14\x43HECKSUM_KIND_CRC32C\x10\x02*T\n\tStateKind\x12\x1a\n\x16STATE_KIND_UNSPECIFIED\x10\x00\x12\x13\n\x0fSTATE_KIND_BLOB\x10\x01\x12\x16\n\x12STATE_KIND_TENSORS\x10\x02\x32\xd6\x01\n\x04Peer\x12\x42\n\x05\x46\x65tch\x12\x1a.decentlam.v1.FetchRequest\x1a\x1b.decentlam.v1.FetchResponse0\x01\x12=\n\x04Info\x12\x19.decentlam.v1.InfoRequest\x1a\x1a.decentlam.v1.InfoResponse\x12K\n\x08GetState\x12\x1d.decentlam.v1.GetStateRequest\x1a\x1e.decentlam.v1.GetStateResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x64\x65\x63\x65ntlam/v1/peer.proto\x12\x0c\x64\x65\x63\x65ntlam.v1\"\x96\x01\n\x0c\x46\x65tchRequest\x12\x13\n\x0b\x63\x61ller_rank\x18\x01 \x01(\x05\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\x10\n\x08min_step\x18\x04 \x01(\x03\x12\x17\n\x0fmax_chunk_bytes\x18\x05 \x01(\r\x12\x14\n\x0crange_offset\x18\x06 \x01(\x04\x12\x14\n\x0crange_length\x18\x07 \x01(\x04\"\xbc\x02\n\x0b\x46\x65tchHeader\x12\x13\n\x0bsender_rank\x18\x01 \x01(\x05\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\r\n\x05shape\x18\x05 \x03(\x03\x12\x13\n\x0btotal_bytes\x18\x06 \x01(\x04\x12\x31\n\rchecksum_kind\x18\x07 \x01(\x0e\x32\x1a.decentlam.v1.ChecksumKind\x12\x10\n\x08\x63hecksum\x18\x08 \x01(\r\x12\x14\n\x0crange_offset\x18\t \x01(\x04\x12\x14\n\x0crange_length\x18\n \x01(\x04\x12\x13\n\x0b\x63hunk_count\x18\x0b \x01(\r\x12\x13\n\x0b\x63hunk_bytes\x18\x0c \x01(\r\x12\x16\n\x0elive_neighbors\x18\r \x03(\x05\x12\x16\n\x0elive_view_sent\x18\x0e \x01(\x08\"X\n\rFetchResponse\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.decentlam.v1.FetchHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\t\n\x07payload\"\"\n\x0bInfoRequest\x12\x13\n\x0b\x63\x61ller_rank\x18\x01 \x01(\x05\",\n\rRetainedSteps\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05steps\x18\x02 \x03(\x03\"\xc1\x01\n\x0cInfoResponse\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x14\n\x0c\x63urrent_step\x18\x02 \x01(\x03\x12\x17\n\x0fmanifest_digest\x18\x03 \x01(\t\x12\x18\n\x10software_version\x18\x04 \x01(\t\x12\x12\n\nworld_size\x18\x05 \x01(\x05\x12-\n\x08retained\x18\x06 \x03(\x0b\x32\x1b.decentlam.v1.RetainedSteps\x12\x17\n\x0fstate_available\x18\x07 \x01(\x08\"?\n\x0fGetStateRequest\x12\x13\n\x0b\x63\x61ller_rank\x18\x01 \x01(\x05\x12\x17\n\x0fmax_chunk_bytes\x18\x02 \x01(\r\"X\n\nStateEntry\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x0e\n\x06length\x18\x05 \x01(\x04\"\x86\x02\n\x0bStateHeader\x12\x13\n\x0bsender_rank\x18\x01 \x01(\x05\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12%\n\x04kind\x18\x03 \x01(\x0e\x32\x17.decentlam.v1.StateKind\x12)\n\x07\x65ntries\x18\x04 \x03(\x0b\x32\x18.decentlam.v1.StateEntry\x12\x13\n\x0btotal_bytes\x18\x05 \x01(\x04\x12\x31\n\rchecksum_kind\x18\x06 \x01(\x0e\x32\x1a.decentlam.v1.ChecksumKind\x12\x10\n\x08\x63hecksum\x18\x07 \x01(\r\x12\x13\n\x0b\x63hunk_count\x18\x08 \x01(\r\x12\x13\n\x0b\x63hunk_bytes\x18\t \x01(\r\"[\n\x10GetStateResponse\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.decentlam.v1.StateHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\t\n\x07payload*`\n\x0c\x43hecksumKind\x12\x1d\n\x19\x43HECKSUM_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13\x43HECKSUM_KIND_CRC32\x10\x01\x12\x18\n\x14\x43HECKSUM_KIND_CRC32C\x10\x02*T\n\tStateKind\x12\x1a\n\x16STATE_KIND_UNSPECIFIED\x10\x00\x12\x13\n\x0fSTATE_KIND_BLOB\x10\x01\x12\x16\n\x12STATE_KIND_TENSORS\x10\x02\x32\xd6\x01\n\x04Peer\x12\x42\n\x05\x46\x65tch\x12\x1a.decentlam.v1.FetchRequest\x1a\x1b.decentlam.v1.FetchResponse0\x01\x12=\n\x04Info\x12\x19.decentlam.v1.InfoRequest\x1a\x1a.decentlam.v1.InfoResponse\x12K\n\x08GetState\x12\x1d.decentlam.v1.GetStateRequest\x1a\x1e.decentlam.v1.GetStateResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'decentlam.v1.peer_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CHECKSUMKIND']._serialized_start=1346
-  _globals['_CHECKSUMKIND']._serialized_end=1442
-  _globals['_STATEKIND']._serialized_start=1444
-  _globals['_STATEKIND']._serialized_end=1528
+  _globals['_CHECKSUMKIND']._serialized_start=1394
+  _globals['_CHECKSUMKIND']._serialized_end=1490
+  _globals['_STATEKIND']._serialized_start=1492
+  _globals['_STATEKIND']._serialized_end=1576
   _globals['_FETCHREQUEST']._serialized_start=42
   _globals['_FETCHREQUEST']._serialized_end=192
   _globals['_FETCHHEADER']._serialized_start=195
-  _globals['_FETCHHEADER']._serialized_end=463
-  _globals['_FETCHRESPONSE']._serialized_start=465
-  _globals['_FETCHRESPONSE']._serialized_end=553
-  _globals['_INFOREQUEST']._serialized_start=555
-  _globals['_INFOREQUEST']._serialized_end=589
-  _globals['_RETAINEDSTEPS']._serialized_start=591
-  _globals['_RETAINEDSTEPS']._serialized_end=635
-  _globals['_INFORESPONSE']._serialized_start=638
-  _globals['_INFORESPONSE']._serialized_end=831
-  _globals['_GETSTATEREQUEST']._serialized_start=833
-  _globals['_GETSTATEREQUEST']._serialized_end=896
-  _globals['_STATEENTRY']._serialized_start=898
-  _globals['_STATEENTRY']._serialized_end=986
-  _globals['_STATEHEADER']._serialized_start=989
-  _globals['_STATEHEADER']._serialized_end=1251
-  _globals['_GETSTATERESPONSE']._serialized_start=1253
-  _globals['_GETSTATERESPONSE']._serialized_end=1344
-  _globals['_PEER']._serialized_start=1531
-  _globals['_PEER']._serialized_end=1745
+  _globals['_FETCHHEADER']._serialized_end=511
+  _globals['_FETCHRESPONSE']._serialized_start=513
+  _globals['_FETCHRESPONSE']._serialized_end=601
+  _globals['_INFOREQUEST']._serialized_start=603
+  _globals['_INFOREQUEST']._serialized_end=637
+  _globals['_RETAINEDSTEPS']._serialized_start=639
+  _globals['_RETAINEDSTEPS']._serialized_end=683
+  _globals['_INFORESPONSE']._serialized_start=686
+  _globals['_INFORESPONSE']._serialized_end=879
+  _globals['_GETSTATEREQUEST']._serialized_start=881
+  _globals['_GETSTATEREQUEST']._serialized_end=944
+  _globals['_STATEENTRY']._serialized_start=946
+  _globals['_STATEENTRY']._serialized_end=1034
+  _globals['_STATEHEADER']._serialized_start=1037
+  _globals['_STATEHEADER']._serialized_end=1299
+  _globals['_GETSTATERESPONSE']._serialized_start=1301
+  _globals['_GETSTATERESPONSE']._serialized_end=1392
+  _globals['_PEER']._serialized_start=1579
+  _globals['_PEER']._serialized_end=1793
 # @@protoc_insertion_point(module_scope)
