@@ -81,6 +81,10 @@ class TrainResult:
     consensus_distance: float
     max_staleness_seen: int
     history: list[dict[str, float]] = field(default_factory=list)
+    # Why the run ended before ``steps``: "signal" for a requested stop, else the one-line
+    # error that made this peer give up (``failed`` is then true); None when it finished.
+    stop_reason: str | None = None
+    failed: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -236,6 +240,7 @@ class Trainer:
         history: list[dict[str, float]] = []
         eval_results: dict[str, float] = {}
         distance = math.nan
+        gave_up: ExchangeError | None = None
         started = time.perf_counter()
         while self.step < self.config.steps and not self.stop_event.is_set():
             begin = time.perf_counter()
@@ -251,7 +256,11 @@ class Trainer:
                     break  # parameters untouched: the checkpoint below is at self.step
                 if self.metrics is not None and exc.neighbor is not None:
                     self.metrics.set_neighbor_up(exc.neighbor, False)
-                raise
+                # This peer cannot go on: checkpoint what it has (the parameters of a failed
+                # step are untouched) and report why; the process exits non-zero.
+                logger.error("peer %d gives up at step %d: %s", self.rank, self.step, exc)
+                gave_up = exc
+                break
             loss_value = float(loss.detach())
             elapsed = time.perf_counter() - begin
             stats: list[ExchangeStats] = list(getattr(self.optimizer, "last_exchange_stats", []))
@@ -294,6 +303,10 @@ class Trainer:
             if every and self.step % every == 0:
                 self.checkpoint()
         stopped_early = self.step < self.config.steps
+        if gave_up is not None:
+            stop_reason: str | None = str(gave_up)
+        else:
+            stop_reason = "signal" if stopped_early else None
         if not stopped_early:
             record = {"step": self.step, "loss": loss_value}
             eval_results = self._evaluate(record)
@@ -319,6 +332,8 @@ class Trainer:
             consensus_distance=distance,
             max_staleness_seen=max_staleness_seen,
             history=history,
+            stop_reason=stop_reason,
+            failed=gave_up is not None,
         )
 
 
