@@ -747,6 +747,9 @@ def _linger(
     while readers and time.monotonic() < deadline:
         try:
             infos = comm.wait_for_neighbors(timeout=2.0)
+        except TimeoutError:  # the exchange loop itself is starved (heavily loaded machine)
+            time.sleep(0.05)
+            continue
         except ExchangeError as exc:
             logger.info("a reader is gone (%s): not waiting for it", exc)
             return
