@@ -2,7 +2,8 @@
 
 ``run_peer`` is what ``decentlam peer --manifest m.yaml --rank R`` runs:
 
-1. load and validate the manifest, find this peer's entry (by rank, or by host and port);
+1. load and validate the manifest, find this peer's entry (by rank, by host and port, or by
+   matching the manifest's hosts against this machine's addresses and names);
 2. start the metrics endpoint and the gRPC service (in a background thread);
 3. wait, with a deadline, until every neighbour answers (the error names the missing ones);
 4. build the task under the manifest's seed and check, by exchanging a digest, that every
@@ -30,10 +31,12 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -50,6 +53,7 @@ from peer.training.optim import DecentralizedOptimizer
 from peer.training.tasks import build_task
 from peer.training.trainer import Trainer, TrainerConfig, TrainResult, flat_vector
 from peer.transport.base import Communicator, Handle, TopologyLike, neighbors_over_period
+from peer.transport.dist import RendezvousStopped
 
 if TYPE_CHECKING:
     from peer.transport.grpc.communicator import GrpcCommunicator
@@ -81,8 +85,11 @@ class PeerOptions:
 
     Attributes:
         manifest: path of the manifest.
-        rank: this peer's rank; ``None`` finds it by ``host``/``port``.
-        host, port: used to find the entry when ``rank`` is ``None``.
+        rank: this peer's rank; ``None`` finds it by ``host``/``port``, else by this
+            machine's addresses and names.
+        host, port: used to find the entry when ``rank`` is ``None`` (``port`` alone picks
+            among several peers on this machine).
+        local_index: with several peers on this machine, which one (0-based, rank order).
         out_dir: checkpoints, ``peer-<r>.json`` (default: ``./decentlam-out``).
         resume: continue from ``out_dir/rank-<r>.pt``.
         blocking: turn overlap off (exchanges start in ``step()`` and are waited at once).
@@ -90,12 +97,16 @@ class PeerOptions:
         bind: address the gRPC server binds (default: the manifest host and port).
         dist_init_method: ``torch.distributed`` rendezvous for ``pmsgd``.
         linger_seconds: after the last step, how long to keep serving for slower neighbours.
+        report: called with the operator's lines (one at start, then progress); ``None``:
+            only logged.
+        progress_seconds: how often a progress line is reported (0: never).
     """
 
     manifest: Path
     rank: int | None = None
     host: str | None = None
     port: int | None = None
+    local_index: int | None = None
     out_dir: Path = Path("decentlam-out")
     resume: bool = False
     blocking: bool = False
@@ -103,6 +114,8 @@ class PeerOptions:
     bind: str | None = None
     dist_init_method: str | None = None
     linger_seconds: float = 60.0
+    report: Callable[[str], None] | None = None
+    progress_seconds: float = 10.0
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -278,16 +291,9 @@ def run_peer(options: PeerOptions) -> TrainResult:
     # naming the neighbours still missing), or, once they are all there, a checkpoint at step 0.
     stop = threading.Event()
     _install_signal_handlers(stop)
-    threads = os.environ.get("DECENTLAM_TORCH_THREADS")
-    if threads:
-        torch.set_num_threads(max(1, int(threads)))
     manifest = load_manifest(options.manifest)
-    if options.rank is not None:
-        me = manifest.peer(options.rank)
-    elif options.host is not None and options.port is not None:
-        me = manifest.find_peer(options.host, options.port)
-    else:
-        raise PeerSetupError("give --rank, or --host and --port to find this peer's entry")
+    me = find_entry(manifest, options)
+    _split_cores(manifest, me)
     rank, world_size = me.rank, manifest.world_size
     training = manifest.training
     staleness = resolve_staleness(manifest, options.max_staleness)
@@ -317,9 +323,7 @@ def run_peer(options: PeerOptions) -> TrainResult:
     # Everything started here is stopped here, in reverse order, however the run ends.
     with contextlib.ExitStack() as owned:
         if me.metrics_port is not None:
-            httpd, _ = start_http_server(
-                me.metrics_port, addr=_metrics_bind(me.host), registry=registry
-            )
+            httpd, _ = start_http_server(me.metrics_port, addr=_bind_host(me), registry=registry)
             owned.callback(_stop_http_server, httpd)
             logger.info("metrics on http://%s:%d/metrics", me.host, me.metrics_port)
         token = read_token(manifest.security.token_file)
@@ -333,6 +337,16 @@ def run_peer(options: PeerOptions) -> TrainResult:
         for neighbor in neighbours:
             metrics.set_neighbor_up(neighbor, True)
         metrics.live_neighbors.set(len(neighbours))
+        view = topology.view(rank, 0)
+        _report(
+            options,
+            f"peer {rank}/{world_size} on {me.host}:{me.port} ({training.algorithm}, "
+            f"{manifest.topology.graph}): in-neighbours "
+            f"{_names(manifest, sorted(view.in_neighbors))}, out-neighbours "
+            f"{_names(manifest, sorted(view.out_neighbors))}"
+            + ("" if me.metrics_port is None else f"; metrics on port {me.metrics_port}"),
+        )
+        progress = _Progress(options, rank, training.steps)
         torch.manual_seed(training.seed)
         task = build_task(
             training.task,
@@ -345,7 +359,14 @@ def run_peer(options: PeerOptions) -> TrainResult:
         ahead = _neighbours_ahead(comm) if live else {}
         if training.algorithm != "pmsgd" and not ahead:
             check_identical_init(comm, topology, task.model, stop)
-        optimizer = _build_optimizer(manifest, task.model, comm, staleness, options)
+        try:
+            optimizer = _build_optimizer(manifest, me, task.model, comm, staleness, options, stop)
+        except RendezvousStopped as exc:
+            # Nothing trained yet: no checkpoint to write (a resume starts from step 0 anyway).
+            logger.warning("%s: exiting", exc)
+            result = _not_started(rank, str(exc))
+            _write_result(out_dir, result)
+            return result
         if optimizer.communicator is not comm:  # PmSGD's torch.distributed process group
             owned.callback(optimizer.communicator.close)
         deadline = manifest.exchange.fetch_deadline_seconds
@@ -361,6 +382,7 @@ def run_peer(options: PeerOptions) -> TrainResult:
             if rejoiner is not None:
                 rejoiner.after_step(step)
             faults.after_step(step)
+            progress(step, loss)
 
         trainer = Trainer(
             task,
@@ -386,18 +408,25 @@ def run_peer(options: PeerOptions) -> TrainResult:
             _rejoin_at_start(trainer, rejoiner, ahead, started, out_dir, rank, options.resume)
         result = trainer.run()
         provider.finish(trainer.step)
-        # current_step = steps + 1 says "finished, final evaluation included" to the readers.
-        comm.set_current_step(trainer.step + 1)
+        if not result.failed:
+            # current_step = steps + 1 says "finished, final evaluation included" to readers.
+            comm.set_current_step(trainer.step + 1)
         if stop.is_set():
             logger.info("peer %d stopped on request: not lingering for readers", rank)
-        else:
+        elif not result.failed:
             _linger(comm, topology, rank, trainer.step, options.linger_seconds)
-    path = out_dir / f"peer-{rank}.json"
-    report = result.to_dict()
+    membership = None
     if rejoiner is not None:
-        report["membership"] = {**rejoiner.report(), "incarnation": faults.incarnation}
-    path.write_text(json.dumps(report, indent=2, default=float))
+        membership = {**rejoiner.report(), "incarnation": faults.incarnation}
+    path = _write_result(out_dir, result, exchange_latency_summary(registry), membership)
     logger.info("peer %d done: %s", rank, path)
+    outcome = "gave up" if result.failed else "stopped" if result.stopped_early else "finished"
+    _report(
+        options,
+        f"peer {rank}: {outcome} at step {result.steps}, loss {result.final_loss:.4g}"
+        + "".join(f", {k} {v:.4g}" for k, v in sorted(result.eval.items()))
+        + f"; {path}",
+    )
     return result
 
 
@@ -441,6 +470,163 @@ def _stop_http_server(httpd: Any) -> None:
     httpd.server_close()
 
 
+def _report(options: PeerOptions, line: str) -> None:
+    if options.report is not None:
+        options.report(line)
+    else:
+        logger.info("%s", line)
+
+
+def _names(manifest: Any, ranks: list[int]) -> str:
+    if not ranks:
+        return "none"
+    return ", ".join(f"{r} ({manifest.peer(r).host}:{manifest.peer(r).port})" for r in ranks)
+
+
+class _Progress:
+    """Reports ``step, loss, step rate`` every ``progress_seconds`` (called after each step)."""
+
+    def __init__(self, options: PeerOptions, rank: int, steps: int) -> None:
+        self.options = options
+        self.rank = rank
+        self.steps = steps
+        self.last_time = time.monotonic()
+        self.last_step: int | None = None
+
+    def __call__(self, step: int, loss: float) -> None:
+        every = self.options.progress_seconds
+        now = time.monotonic()
+        if self.last_step is None:
+            self.last_step, self.last_time = step - 1, now
+        if every <= 0 or now - self.last_time < every:
+            return
+        rate = (step - self.last_step) / (now - self.last_time)
+        self.last_step, self.last_time = step, now
+        _report(
+            self.options,
+            f"peer {self.rank}: step {step}/{self.steps}, loss {loss:.4g}, {rate:.1f} steps/s",
+        )
+
+
+def _split_cores(manifest: Any, me: Any) -> None:
+    """Peers of the manifest on the same host share its cores (as ``launch`` does locally)."""
+    threads = os.environ.get("DECENTLAM_TORCH_THREADS")
+    if threads:
+        torch.set_num_threads(max(1, int(threads)))
+        return
+    sharing = sum(1 for p in manifest.peers if p.host == me.host)
+    if sharing > 1:
+        count = max(1, (os.cpu_count() or 1) // sharing)
+        torch.set_num_threads(count)
+        logger.info("%d peers on %s: %d torch threads each", sharing, me.host, count)
+
+
+def exchange_latency_summary(registry: Any) -> dict[str, dict[str, float]]:
+    """Per in-neighbour exchange latency: fetch count, mean, p50 and p95 (seconds), from the
+    ``decentlam_exchange_latency_seconds`` histogram (p50/p95 interpolated in its buckets)."""
+    buckets: dict[str, list[tuple[float, float]]] = {}
+    sums: dict[str, float] = {}
+    for family in registry.collect():
+        if family.name != "decentlam_exchange_latency_seconds":
+            continue
+        for sample in family.samples:
+            neighbor = sample.labels.get("neighbor", "?")
+            if sample.name.endswith("_bucket"):
+                buckets.setdefault(neighbor, []).append((float(sample.labels["le"]), sample.value))
+            elif sample.name.endswith("_sum"):
+                sums[neighbor] = sample.value
+    summary = {}
+    for neighbor, cumulative in sorted(buckets.items()):
+        cumulative.sort()
+        count = cumulative[-1][1]
+        if count <= 0:
+            continue
+        summary[neighbor] = {
+            "count": count,
+            "mean_seconds": sums.get(neighbor, math.nan) / count,
+            "p50_seconds": _bucket_quantile(0.5, cumulative),
+            "p95_seconds": _bucket_quantile(0.95, cumulative),
+        }
+    return summary
+
+
+def _bucket_quantile(quantile: float, cumulative: list[tuple[float, float]]) -> float:
+    # Same interpolation as Prometheus' histogram_quantile (linear within a bucket).
+    rank = quantile * cumulative[-1][1]
+    lower_bound, lower_count = 0.0, 0.0
+    for bound, count in cumulative:
+        if count >= rank:
+            if math.isinf(bound):
+                return lower_bound
+            width = count - lower_count
+            return lower_bound + (bound - lower_bound) * (
+                (rank - lower_count) / width if width else 1.0
+            )
+        lower_bound, lower_count = bound, count
+    return lower_bound
+
+
+def find_entry(manifest: Any, options: PeerOptions) -> Any:
+    """This peer's manifest entry: ``--rank``, else ``--host`` and ``--port``, else the one
+    entry whose host is this machine (``--local-index`` / ``--port`` choose among several).
+
+    Raises:
+        PeerSetupError: no entry, or several, match (the message says how to choose).
+    """
+    from peer.transport import netif
+
+    if options.rank is not None:
+        return manifest.peer(options.rank)
+    if options.host is not None and options.port is not None:
+        return manifest.find_peer(options.host, options.port)
+    addresses = set().union(*netif.interface_addresses().values())
+    try:
+        me = netif.own_entry(
+            manifest.peers,
+            addresses,
+            netif.local_names(),
+            netif.resolve,
+            local_index=options.local_index,
+            port=options.port,
+        )
+    except netif.NoOwnEntry as exc:
+        raise PeerSetupError(str(exc)) from exc
+    logger.info("this machine is peer %d of the manifest (%s:%d)", me.rank, me.host, me.port)
+    return me
+
+
+def _write_result(
+    out_dir: Path,
+    result: TrainResult,
+    latency: dict[str, dict[str, float]] | None = None,
+    membership: dict[str, Any] | None = None,
+) -> Path:
+    path = out_dir / f"peer-{result.rank}.json"
+    tmp = path.with_suffix(".json.tmp")
+    payload = {**result.to_dict(), "exchange_latency": latency or {}}
+    if membership is not None:
+        payload["membership"] = membership
+    tmp.write_text(json.dumps(payload, indent=2, default=float))
+    tmp.replace(path)
+    return path
+
+
+def _not_started(rank: int, reason: str) -> TrainResult:
+    nan = float("nan")
+    return TrainResult(
+        rank=rank, steps=0, start_step=0, stopped_early=True, final_loss=nan, eval={},
+        mean_iteration_seconds=nan, mean_compute_seconds=nan, mean_blocked_seconds=nan,
+        total_seconds=0.0, bytes_received=0, bytes_sent=0, consensus_distance=nan,
+        max_staleness_seen=0, stop_reason=reason,
+    )  # fmt: skip
+
+
+def _bind_host(me: Any) -> str:
+    """Where this peer's servers listen: the manifest's ``bind``, else :func:`_metrics_bind`."""
+    bind = getattr(me, "bind", None)
+    return bind if bind else _metrics_bind(me.host)
+
+
 def _metrics_bind(host: str) -> str:
     # Loopback manifests keep the endpoint private; any other host listens on all interfaces
     # (inside a container the manifest host is the service name).
@@ -476,7 +662,7 @@ def _start_communicator(
         training.algorithm == "pmsgd" or training.global_average_every > 0,
     )
     peers = {p.rank: p.address for p in manifest.peers if p.rank in wanted}
-    bind = options.bind or os.environ.get("DECENTLAM_BIND") or f"{_metrics_bind(me.host)}:{me.port}"
+    bind = options.bind or os.environ.get("DECENTLAM_BIND") or f"{_bind_host(me)}:{me.port}"
     comm = GrpcCommunicator.start(
         me.rank,
         peers,
@@ -519,7 +705,13 @@ def sent_bytes(registry: Any) -> int:
 
 
 def _build_optimizer(
-    manifest: Any, model: torch.nn.Module, comm: Communicator, staleness: int, options: PeerOptions
+    manifest: Any,
+    me: Any,
+    model: torch.nn.Module,
+    comm: Communicator,
+    staleness: int,
+    options: PeerOptions,
+    stop: threading.Event,
 ) -> DecentralizedOptimizer:
     from peer.algorithms.schedules import make_schedule
     from peer.training.optim import make_optimizer
@@ -530,14 +722,7 @@ def _build_optimizer(
     )
     communicator: Communicator = comm
     if training.algorithm == "pmsgd":
-        from peer.transport.dist import TorchDistributedCommunicator
-
-        communicator = TorchDistributedCommunicator.start(
-            comm.rank,
-            manifest.world_size,
-            init_method=options.dist_init_method or default_dist_init(manifest),
-            timeout_seconds=manifest.exchange.connect_deadline_seconds,
-        )
+        communicator = _join_process_group(manifest, me, options, stop)
     return make_optimizer(
         training.algorithm,
         model.parameters(),
@@ -552,6 +737,38 @@ def _build_optimizer(
         bucket_bytes=manifest.exchange.bucket_bytes,
         deadline_seconds=manifest.exchange.fetch_deadline_seconds,
     )
+
+
+def _join_process_group(
+    manifest: Any, me: Any, options: PeerOptions, stop: threading.Event
+) -> Communicator:
+    """PmSGD's gloo/NCCL group, over the interface that carries this peer's manifest address."""
+    from peer.transport import netif
+    from peer.transport.dist import TorchDistributedCommunicator
+
+    interface = None
+    for address in sorted(netif.resolve(me.host)):
+        interface = netif.interface_for(address)
+        if interface is not None:
+            break
+    if interface is None:
+        logger.warning(
+            "no interface of this machine carries %s (peer %d's manifest host): gloo/NCCL "
+            "choose their own; set GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME if they fail",
+            me.host, me.rank,
+        )  # fmt: skip
+    init_method = options.dist_init_method or default_dist_init(manifest)
+    try:
+        return TorchDistributedCommunicator.start(
+            me.rank,
+            manifest.world_size,
+            init_method=init_method,
+            timeout_seconds=manifest.exchange.connect_deadline_seconds,
+            interface=interface,
+            stop=stop,
+        )
+    except ExchangeError as exc:
+        raise PeerSetupError(f"peer {me.rank}: {exc}") from exc
 
 
 def schedule_spec(spec: dict[str, Any]) -> dict[str, Any]:
@@ -616,6 +833,9 @@ def _linger(
     while readers and time.monotonic() < deadline:
         try:
             infos = comm.wait_for_neighbors(timeout=2.0)
+        except TimeoutError:  # the exchange loop itself is starved (heavily loaded machine)
+            time.sleep(0.05)
+            continue
         except ExchangeError as exc:
             logger.info("a reader is gone (%s): not waiting for it", exc)
             return

@@ -179,7 +179,7 @@ def test_peer_command_user_errors(tmp_path: Path, capsys) -> None:
     assert "does not exist" in capsys.readouterr().err
     manifest_path = write_manifest(tmp_path / "m.yaml", algorithm="decentlam", graph="ring")
     assert main(["peer", "--manifest", str(manifest_path)]) == 2
-    assert "give --rank" in capsys.readouterr().err
+    assert "4 manifest peers are on this machine" in capsys.readouterr().err
     assert main(["peer", "--manifest", str(manifest_path), "--rank", "9"]) == 2
     assert "rank" in capsys.readouterr().err
 

@@ -123,6 +123,28 @@ def write_loopback_manifest(args: argparse.Namespace, path: Path) -> Path:
     return path
 
 
+def check_hosts_are_local(manifest: Any) -> None:
+    """``launch`` starts every peer here: refuse a manifest whose hosts are other machines.
+
+    Raises:
+        UsageError: naming the peers whose hosts are not this machine.
+    """
+    from peer.transport import netif
+
+    addresses = set().union(*netif.interface_addresses().values())
+    local = {p.rank for p in netif.matching_entries(
+        manifest.peers, addresses, netif.local_names(), netif.resolve
+    )}  # fmt: skip
+    remote = [p for p in manifest.peers if p.rank not in local]
+    if remote:
+        hosts = ", ".join(sorted({p.host for p in remote}))
+        raise UsageError(
+            f"peers {[p.rank for p in remote]} are on hosts that are not this machine "
+            f"({hosts}): launch starts every peer locally; run `decentlam peer --manifest M` "
+            "on each host (see `decentlam deploy`)"
+        )
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the cluster to completion; returns the exit status."""
     from peer.training.trainer import summarize
@@ -137,6 +159,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         manifest_path = write_loopback_manifest(args, out / "manifest.yaml").resolve()
     manifest = load_manifest(manifest_path)
+    check_hosts_are_local(manifest)
     peer_args: list[str] = []
     if args.blocking:
         peer_args.append("--blocking")

@@ -82,6 +82,10 @@ class TrainResult:
     max_staleness_seen: int
     history: list[dict[str, float]] = field(default_factory=list)
     max_blocked_seconds: float = 0.0
+    # Why the run ended before ``steps``: "signal" for a requested stop, else the one-line
+    # error that made this peer give up (``failed`` is then true); None when it finished.
+    stop_reason: str | None = None
+    failed: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -242,6 +246,7 @@ class Trainer:
         history: list[dict[str, float]] = []
         eval_results: dict[str, float] = {}
         distance = math.nan
+        gave_up: ExchangeError | None = None
         started = time.perf_counter()
         while self.step < self.config.steps and not self.stop_event.is_set():
             begin = time.perf_counter()
@@ -262,7 +267,11 @@ class Trainer:
                     continue
                 if self.metrics is not None and exc.neighbor is not None:
                     self.metrics.set_neighbor_up(exc.neighbor, False)
-                raise
+                # This peer cannot go on: checkpoint what it has (the parameters of a failed
+                # step are untouched) and report why; the process exits non-zero.
+                logger.error("peer %d gives up at step %d: %s", self.rank, self.step, exc)
+                gave_up = exc
+                break
             loss_value = float(loss.detach())
             elapsed = time.perf_counter() - begin
             stats: list[ExchangeStats] = list(getattr(self.optimizer, "last_exchange_stats", []))
@@ -305,6 +314,10 @@ class Trainer:
             if every and self.step % every == 0:
                 self.checkpoint()
         stopped_early = self.step < self.config.steps
+        if gave_up is not None:
+            stop_reason: str | None = str(gave_up)
+        else:
+            stop_reason = "signal" if stopped_early else None
         if not stopped_early:
             record = {"step": self.step, "loss": loss_value}
             eval_results = self._evaluate(record)
@@ -331,6 +344,8 @@ class Trainer:
             max_staleness_seen=max_staleness_seen,
             history=history,
             max_blocked_seconds=max(blocked_times, default=0.0),
+            stop_reason=stop_reason,
+            failed=gave_up is not None,
         )
 
 
