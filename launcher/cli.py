@@ -29,6 +29,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "launcher.commands.peer_cmd",
     "launcher.commands.launch_cmd",
     "launcher.commands.observability_cmd",
+    "launcher.commands.deploy_cmd",
 )
 
 EXIT_USAGE = 2

@@ -3,6 +3,11 @@
 ``decentlam launch`` uses :class:`LocalCluster`; tests use it too. Each peer is a separate
 ``decentlam peer`` process with its log in ``OUT/logs/rank-<r>.log``. Progress is read the way
 an operator reads it: by scraping every peer's Prometheus endpoint.
+
+Supervision (torchrun's convention): :meth:`LocalCluster.restart` starts a dead peer again with
+the same rank (``DECENTLAM_RESTART_COUNT`` tells it which incarnation it is); the restarted
+peer rejoins from its neighbours. Every death and restart is recorded in
+:attr:`LocalCluster.events`.
 """
 
 from __future__ import annotations
@@ -53,6 +58,10 @@ class PeerProgress:
         latency_p50_seconds: median exchange latency so far.
         blocked_share: share of training time spent blocked on exchanges so far.
         reachable: whether the endpoint answered.
+        live_neighbors: in-neighbours the peer currently mixes (live membership).
+        membership_changes: neighbours it marked down or re-admitted so far.
+        rejoins: times it rejoined from a neighbour's state.
+        rejoin_seconds: duration of its last rejoin (process start to first mixed step).
     """
 
     step: float = math.nan
@@ -61,6 +70,10 @@ class PeerProgress:
     latency_p50_seconds: float = math.nan
     blocked_share: float = math.nan
     reachable: bool = False
+    live_neighbors: float = math.nan
+    membership_changes: float = 0.0
+    rejoins: float = 0.0
+    rejoin_seconds: float = math.nan
 
 
 def histogram_quantile(quantile: float, buckets: Sequence[tuple[float, float]]) -> float:
@@ -99,6 +112,14 @@ def parse_progress(text: str) -> PeerProgress:
                 progress.loss = sample.value
             elif sample.name == "decentlam_eval" and sample.labels.get("metric") == "accuracy":
                 progress.accuracy = sample.value
+            elif sample.name == "decentlam_live_neighbors":
+                progress.live_neighbors = sample.value
+            elif sample.name == "decentlam_membership_changes_total":
+                progress.membership_changes = sample.value
+            elif sample.name == "decentlam_rejoins_total":
+                progress.rejoins = sample.value
+            elif sample.name == "decentlam_rejoin_seconds":
+                progress.rejoin_seconds = sample.value
             elif sample.name == "decentlam_exchange_latency_seconds_bucket":
                 bound = float(sample.labels["le"])
                 buckets[bound] = buckets.get(bound, 0.0) + sample.value
@@ -150,19 +171,21 @@ class LocalCluster:
     ranks: Sequence[int] | None = None
     env: dict[str, str] = field(default_factory=dict)
     peers: list[PeerProcess] = field(default_factory=list)
+    restarts: dict[int, int] = field(default_factory=dict)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    _handled: set[tuple[int, int]] = field(default_factory=set, repr=False)
 
     def start(self) -> None:
         """Spawn every peer (non-blocking)."""
         from topology.manifest import load_manifest
 
         manifest = load_manifest(self.manifest_path)
-        logs = self.out_dir / "logs"
-        logs.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / "logs").mkdir(parents=True, exist_ok=True)
         ranks = range(manifest.world_size) if self.ranks is None else self.ranks
         # Peers share this machine: split the cores between them instead of letting every
         # peer's torch start one thread per core (oversubscription made steps ~10x slower).
         threads = str(max(1, (os.cpu_count() or 1) // max(1, len(ranks))))
-        env = {
+        self._env = {
             "OMP_NUM_THREADS": threads,
             "DECENTLAM_TORCH_THREADS": threads,
             **os.environ,
@@ -171,24 +194,67 @@ class LocalCluster:
             # the peer asks the kernel for SIGTERM when this process dies (no orphans)
             "DECENTLAM_PARENT_PID": str(os.getpid()),
         }
+        self._manifest = manifest
+        self._started = time.monotonic()
         for rank in ranks:
-            spec = manifest.peer(rank)
-            log_path = logs / f"rank-{rank}.log"
-            command = [
-                sys.executable, "-m", "launcher.cli", "--log-level", "INFO", "peer",
-                "--manifest", str(self.manifest_path), "--rank", str(rank),
-                "--out", str(self.out_dir), *self.peer_args,
-            ]  # fmt: skip
-            with open(log_path, "ab") as log:
-                process = subprocess.Popen(
-                    command, stdout=log, stderr=subprocess.STDOUT, env=env,
-                    start_new_session=True,  # Ctrl-C reaches the launcher only; it forwards it
-                )  # fmt: skip
-            url = None
-            if spec.metrics_port is not None:
-                url = f"http://{spec.address.rsplit(':', 1)[0]}:{spec.metrics_port}/metrics"
-            self.peers.append(PeerProcess(rank, process, log_path, url))
-            logger.info("started peer %d (pid %d), log %s", rank, process.pid, log_path)
+            self.peers.append(self._spawn(rank, self._env))
+
+    def _spawn(self, rank: int, env: dict[str, str]) -> PeerProcess:
+        spec = self._manifest.peer(rank)
+        log_path = self.out_dir / "logs" / f"rank-{rank}.log"
+        command = [
+            sys.executable, "-m", "launcher.cli", "--log-level", "INFO", "peer",
+            "--manifest", str(self.manifest_path), "--rank", str(rank),
+            "--out", str(self.out_dir), *self.peer_args,
+        ]  # fmt: skip
+        with open(log_path, "ab") as log:
+            process = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, env=env,
+                start_new_session=True,  # Ctrl-C reaches the launcher only; it forwards it
+            )  # fmt: skip
+        url = None
+        if spec.metrics_port is not None:
+            url = f"http://{spec.address.rsplit(':', 1)[0]}:{spec.metrics_port}/metrics"
+        logger.info("started peer %d (pid %d), log %s", rank, process.pid, log_path)
+        return PeerProcess(rank, process, log_path, url)
+
+    def peer(self, rank: int) -> PeerProcess:
+        """The (latest) process of ``rank``."""
+        return next(p for p in self.peers if p.rank == rank)
+
+    def dead(self) -> list[PeerProcess]:
+        """Peers that exited with a non-zero status (killed ones included), not yet handled by
+        :meth:`restart` or :meth:`give_up`."""
+        return [
+            p
+            for p in self.peers
+            if p.process.poll() not in (None, 0) and (p.rank, p.process.pid) not in self._handled
+        ]
+
+    def _record(self, peer: PeerProcess, event: str) -> None:
+        self._handled.add((peer.rank, peer.process.pid))
+        self.events.append(
+            {
+                "seconds": round(time.monotonic() - self._started, 3),
+                "rank": peer.rank,
+                "event": event,
+                "status": peer.process.returncode,
+            }
+        )
+
+    def restart(self, rank: int) -> PeerProcess:
+        """Start a dead peer again with the same rank; it rejoins from its neighbours."""
+        old = self.peer(rank)
+        self._record(old, "restarted")
+        count = self.restarts.get(rank, 0) + 1
+        self.restarts[rank] = count
+        new = self._spawn(rank, {**self._env, "DECENTLAM_RESTART_COUNT": str(count)})
+        self.peers[self.peers.index(old)] = new
+        return new
+
+    def give_up(self, rank: int) -> None:
+        """Record that a dead peer stays down (no restarts left); the others go on."""
+        self._record(self.peer(rank), "down")
 
     def failed(self) -> PeerProcess | None:
         """The first peer that exited with a non-zero status, if any."""

@@ -90,6 +90,11 @@ COLUMNS: tuple[Column, ...] = (
     Column("accuracy", lambda p: _number(p.accuracy, ".3f")),
     Column("exchange p50", lambda p: _ms(p.latency_p50_seconds)),
     Column("blocked", lambda p: _percent(p.blocked_share)),
+    Column("live nbrs", lambda p: _number(p.live_neighbors, ".0f")),
+    Column(
+        "changes", lambda p: _number(p.membership_changes, ".0f") if p.membership_changes else ""
+    ),
+    Column("rejoin", lambda p: f"{p.rejoin_seconds:.1f} s" if p.rejoins else ""),
     Column("state", _state, justify="left", style=_state_style, stale="-"),
 )
 
@@ -124,6 +129,12 @@ def format_line(progress: Mapping[int, PeerProgress], steps: int, world_size: in
         if text:
             parts.append(f"{label} {text}")
     parts.append(f"{sum(p.reachable for p in rows)}/{world_size} peers up")
+    changes = sum(p.membership_changes for p in rows if p.reachable)
+    if changes:
+        parts.append(f"{changes:.0f} membership changes")
+    rejoins = [p.rejoin_seconds for p in rows if p.rejoins and math.isfinite(p.rejoin_seconds)]
+    if rejoins:
+        parts.append(f"rejoin {max(rejoins):.1f} s")
     return " | ".join(parts)
 
 

@@ -47,3 +47,8 @@ class WireError(ExchangeError):
 
 class AuthError(ExchangeError):
     """The neighbour refused us (bad token or not allowed to read that vector)."""
+
+
+class FellBehind(ExchangeError):
+    """This peer is too far behind its neighbours to mix (it was stopped, or restarted from an
+    old checkpoint): it must take a live neighbour's state (``neighbor``) and rejoin."""

@@ -1,4 +1,4 @@
-"""A plain, independent transcription of ALGORITHMS.md, used as ground truth by the tests.
+"""A plain, independent transcription of docs/algorithms.md, used as ground truth by the tests.
 
 Written on purpose without any code from :mod:`peer`: numpy, float64, an explicit Python loop
 over nodes and an explicit ``W`` matrix, line by line as the equations read. Also holds the

@@ -71,7 +71,7 @@ def test_rules_are_elementwise(name: str) -> None:
 
 
 def test_decentlam_closed_form() -> None:
-    """x^{k+1} = W (x^k - gamma g) + beta (x^k - x^{k-1}) (ALGORITHMS.md)."""
+    """x^{k+1} = W (x^k - gamma g) + beta (x^k - x^{k-1}) (docs/algorithms.md)."""
     rule = make_rule("decentlam", momentum=0.9)
     gen = torch.Generator().manual_seed(2)
     W = (

@@ -192,9 +192,29 @@ def test_compose_services_volumes_and_healthchecks() -> None:
                 assert (ROOT / source).exists(), volume
 
 
-def test_compose_healthcheck_one_liner_is_valid_python() -> None:
-    script = deploy.healthcheck_command(9100)[3]
-    compile(script, "<healthcheck>", "exec")
+def test_compose_healthcheck_passes_on_a_live_endpoint_and_fails_on_a_dead_one() -> None:
+    """Run the healthcheck exactly as compose would (``python -c``), against a real metrics
+    endpoint on 127.0.0.1 (the script targets localhost), then after it is stopped."""
+    import subprocess
+    import sys
+
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    httpd, _ = start_http_server(0, addr="127.0.0.1", registry=CollectorRegistry())
+    port = httpd.server_port
+    command = deploy.healthcheck_command(port)
+    assert command[:3] == ["CMD", "python", "-c"]
+
+    def check() -> int:
+        run = [sys.executable, "-c", command[3].replace("localhost", "127.0.0.1")]
+        return subprocess.run(run, capture_output=True, timeout=30, check=False).returncode
+
+    try:
+        assert check() == 0
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert check() != 0
 
 
 def test_compose_host_aliases_and_relative_manifest_path(

@@ -68,9 +68,16 @@ def test_sigterm_while_neighbours_are_missing_exits_at_once_naming_them(tmp_path
         time.sleep(0.5)
         peer.send_signal(signal.SIGTERM)
         started = time.monotonic()
-        stderr = peer.stderr.read()
-        peer.wait(timeout=20)
-        assert time.monotonic() - started < 5.0, "the stop was not seen during start-up"
+        seen = []
+        for line in peer.stderr:  # up to the error line: printed before interpreter exit
+            seen.append(line)
+            if line.startswith("decentlam: error:"):
+                break
+        # the connect deadline is 60 s: far under it means the stop ended the wait (the bound
+        # leaves room for a loaded machine)
+        assert time.monotonic() - started < 15.0, "the stop was not seen during start-up"
+        stderr = "".join(seen) + peer.stderr.read()
+        peer.wait(timeout=60)
     finally:
         if peer.poll() is None:
             peer.kill()
@@ -80,3 +87,38 @@ def test_sigterm_while_neighbours_are_missing_exits_at_once_naming_them(tmp_path
     errors = [line for line in stderr.splitlines() if line.startswith("decentlam: error:")]
     assert len(errors) == 1 and "stopped during start-up" in errors[0], stderr
     assert " 1 at 127.0.0.1:" in errors[0] and " 3 at 127.0.0.1:" in errors[0], errors[0]
+
+
+@pytest.mark.slow
+def test_a_stopped_peer_exits_without_lingering_for_its_readers(tmp_path: Path) -> None:
+    """SIGTERM to peer 0 alone: it checkpoints and exits at once, although its readers (peers 1
+    and 3, still running) have not fetched a final step; a stop does not linger."""
+    from launcher.cluster import LocalCluster
+
+    manifest = write_manifest(tmp_path / "m.yaml", algorithm="dsgd", graph="ring", steps=10**6)
+    out = tmp_path / "out"
+    cluster = LocalCluster(manifest, out, ["--linger-seconds", "60"])
+    cluster.start()
+    try:
+        deadline = time.monotonic() + 80
+        while time.monotonic() < deadline:  # every peer a few steps in (from its metrics)
+            steps = [p.step for p in cluster.progress().values()]
+            if len(steps) == 4 and all(step >= 2 for step in steps):
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail(f"peers did not start training: {cluster.log_tail(0)}")
+        victim = cluster.peers[0].process
+        victim.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        log = cluster.peers[0].log_path
+        while time.monotonic() - started < 30 and "done:" not in log.read_text():
+            time.sleep(0.1)  # "peer 0 done: <result file>" is logged once it stopped serving
+        elapsed = time.monotonic() - started
+        victim.wait(timeout=60)
+    finally:
+        cluster.stop(grace_seconds=5)
+    assert victim.returncode == 0, cluster.log_tail(0)
+    # --linger-seconds is 60: far under it means the peer did not wait for its readers
+    assert elapsed < 15.0, f"peer 0 took {elapsed:.1f} s to finish after SIGTERM"
+    assert "not lingering" in cluster.log_tail(0, lines=200)

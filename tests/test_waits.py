@@ -101,3 +101,41 @@ def test_blocked_time_counts_every_slice_of_a_slow_link_wait() -> None:
             f"{blocked:.3f} s"
         )
         assert blocked >= 0.9 * delay
+
+
+class _FakeWork:
+    """Stands in for a ``torch.distributed.Work``: completes at ``done_at``, then ``wait``
+    raises ``error`` (a failed collective) or returns."""
+
+    def __init__(self, done_at: float, error: Exception | None = None) -> None:
+        self.done_at = done_at
+        self.error = error
+
+    def is_completed(self) -> bool:
+        return time.monotonic() >= self.done_at
+
+    def wait(self) -> bool:
+        if self.error is not None:
+            raise self.error
+        return True
+
+
+def test_all_reduce_handle_tells_in_flight_from_failed() -> None:
+    from peer.errors import ExchangeTimeout
+    from peer.transport.dist import _AllReduceHandle
+
+    buffer = torch.full((4,), 6.0)
+    handle = _AllReduceHandle(_FakeWork(time.monotonic() + 0.3), buffer, 3, step=2)  # type: ignore[arg-type]
+    assert not handle.wait_done(0.05) and not handle.done()
+    with pytest.raises(ExchangeTimeout, match="step 2"):
+        handle.wait(0.01)
+    assert handle.wait_done(2.0) and handle.done()
+    assert torch.equal(handle.wait(0.0), torch.full((4,), 2.0))
+    assert handle.stats.wait_seconds >= 0.25  # every blocked slice counted
+
+    failed = _AllReduceHandle(
+        _FakeWork(time.monotonic(), RuntimeError("Connection closed by peer")), buffer, 3, step=5
+    )  # type: ignore[arg-type]
+    assert failed.wait_done(1.0)  # finished: with an error, which wait_done does not raise
+    with pytest.raises(ExchangeError, match="all-reduce of step 5 failed: Connection closed"):
+        failed.wait(0.0)

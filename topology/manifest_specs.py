@@ -118,6 +118,8 @@ class PeerSpec:
         port: gRPC port.
         metrics_port: Prometheus metrics port, or None for no metrics endpoint.
         device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (CUDA if available).
+        bind: local address the gRPC server and the metrics endpoint listen on; None: the
+            host itself when it is a loopback address, else every interface (``0.0.0.0``).
     """
 
     rank: Annotated[
@@ -143,6 +145,13 @@ class PeerSpec:
             json_schema_extra={"pattern": _DEVICE.pattern},
         ),
     ] = "auto"
+    bind: Annotated[
+        NonEmptyStr | None,
+        Field(
+            description="Local address the gRPC server and metrics endpoint listen on (null: "
+            "the host if it is a loopback address, else all interfaces, 0.0.0.0)."
+        ),
+    ] = None
 
     @model_validator(mode="before")
     @classmethod
@@ -162,6 +171,13 @@ class PeerSpec:
             hint = "; put the port in 'port'" if host.count(":") == 1 else ""
             fail(f"{host!r} is not a host name or IP{hint}")
         return host
+
+    @field_validator("bind")
+    @classmethod
+    def _check_bind(cls, bind: str | None) -> str | None:
+        if bind is not None and (any(c.isspace() for c in bind) or bind.count(":") == 1):
+            fail(f"{bind!r} is not an address (no port: the peer's ports are used)")
+        return bind
 
     @field_validator("device")
     @classmethod
@@ -185,6 +201,8 @@ class PeerSpec:
             "port": self.port,
             "metrics_port": self.metrics_port,
             "device": self.device,
+            # Only when set: manifests without it (and their digests) stay as they were.
+            **({} if self.bind is None else {"bind": self.bind}),
         }
 
 
@@ -490,6 +508,13 @@ class ExchangeSpec:
     bucket_bytes: Annotated[
         StrictInt, Field(ge=1, description="Bytes of parameters per exchanged bucket.")
     ] = 4 << 20
+    failure_detection_seconds: Annotated[
+        Number,
+        Field(
+            gt=0.0,
+            description="A neighbour silent this long is marked down; the others go on.",
+        ),
+    ] = 5.0
     wire_dtype: Annotated[
         WireDtype,
         Field(

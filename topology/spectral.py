@@ -3,7 +3,7 @@
 For a doubly stochastic ``W``, the disagreement ``x - xbar`` shrinks per partial average by at
 most ``rho = ||W - 11^T/n||_2`` (the largest singular value of ``W - J``; for a symmetric ``W``
 this is the second-largest eigenvalue in absolute value). ``1 - rho`` is the spectral gap that
-appears in every decentralized convergence bound (``ALGORITHMS.md``).
+appears in every decentralized convergence bound (``docs/algorithms.md``).
 
 Time-varying topologies are judged over a full period: ``||W^(T-1) ... W^(0) - J||_2``; the
 per-iteration equivalent is that value to the power ``1 / T``.

@@ -4,8 +4,10 @@ Writes a loopback manifest with free ports (or uses ``--manifest``), spawns one 
 peer`` process per rank, shows the live cluster view of :mod:`launcher.view` (one row per peer:
 step, loss, accuracy, exchange p50, blocked share, up/down, read from the peers' metrics
 endpoints; plain lines when stdout is not a terminal), forwards Ctrl-C as a graceful stop, and
-writes ``OUT/summary.json`` and its table. If a peer dies, the others are stopped and its log
-tail is printed.
+writes ``OUT/summary.json`` and its table. If a peer dies, the others go on (they mark it down
+and mix on the live graph) and its log tail is printed; with ``--max-restarts N`` (torchrun's
+convention) a dead peer is started again, up to N times per rank, and rejoins from its
+neighbours. The exit status is 1 when a peer stayed down.
 """
 
 from __future__ import annotations
@@ -66,6 +68,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--blocking", action="store_true", help="turn overlap off")
     parser.add_argument("--resume", action="store_true", help="continue from checkpoints")
     parser.add_argument("--timeout", type=float, default=3600.0, help="give up after N seconds")
+    parser.add_argument(
+        "--max-restarts",
+        type=int,
+        default=0,
+        metavar="N",
+        help="restart a dead peer up to N times (it rejoins from its neighbours; default 0)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress view")
     parser.set_defaults(func=run)
 
@@ -114,6 +123,28 @@ def write_loopback_manifest(args: argparse.Namespace, path: Path) -> Path:
     return path
 
 
+def check_hosts_are_local(manifest: Any) -> None:
+    """``launch`` starts every peer here: refuse a manifest whose hosts are other machines.
+
+    Raises:
+        UsageError: naming the peers whose hosts are not this machine.
+    """
+    from peer.transport import netif
+
+    addresses = set().union(*netif.interface_addresses().values())
+    local = {p.rank for p in netif.matching_entries(
+        manifest.peers, addresses, netif.local_names(), netif.resolve
+    )}  # fmt: skip
+    remote = [p for p in manifest.peers if p.rank not in local]
+    if remote:
+        hosts = ", ".join(sorted({p.host for p in remote}))
+        raise UsageError(
+            f"peers {[p.rank for p in remote]} are on hosts that are not this machine "
+            f"({hosts}): launch starts every peer locally; run `decentlam peer --manifest M` "
+            "on each host (see `decentlam deploy`)"
+        )
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the cluster to completion; returns the exit status."""
     from peer.training.trainer import summarize
@@ -128,6 +159,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         manifest_path = write_loopback_manifest(args, out / "manifest.yaml").resolve()
     manifest = load_manifest(manifest_path)
+    check_hosts_are_local(manifest)
     peer_args: list[str] = []
     if args.blocking:
         peer_args.append("--blocking")
@@ -152,9 +184,52 @@ def run(args: argparse.Namespace) -> int:
     results = cluster.results()
     if results:
         summary = summarize(results)
+        summary["supervision"] = supervision_summary(cluster, results)
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
         view.print_summary(summary, out / "summary.json")
     return status
+
+
+def supervision_summary(cluster: LocalCluster, results: dict[int, Any]) -> dict[str, Any]:
+    """Peers down, restarts, rejoin times and membership changes (``summary.json``)."""
+    rejoins = {
+        str(rank): r["membership"]["rejoins"]
+        for rank, r in sorted(results.items())
+        if r.get("membership", {}).get("rejoins")
+    }
+    return {
+        "peers_down": sorted({e["rank"] for e in cluster.events if e["event"] == "down"}),
+        "restarts": {str(rank): n for rank, n in sorted(cluster.restarts.items())},
+        "events": list(cluster.events),
+        "rejoins": rejoins,
+        "rejoin_seconds": {rank: [x["seconds"] for x in r] for rank, r in rejoins.items()},
+        "membership_changes": {
+            str(rank): r.get("membership", {}).get("membership_changes", 0)
+            for rank, r in sorted(results.items())
+        },
+    }
+
+
+def _supervise(cluster: LocalCluster, max_restarts: int) -> None:
+    """Restart dead peers while they have restarts left; record the others as down."""
+    for peer in cluster.dead():
+        code = peer.process.returncode
+        used = cluster.restarts.get(peer.rank, 0)
+        if used < max_restarts:
+            print(
+                f"\ndecentlam: peer {peer.rank} exited with status {code}; restarting it "
+                f"({used + 1}/{max_restarts}), it rejoins from its neighbours",
+                file=sys.stderr,
+            )
+            cluster.restart(peer.rank)
+        else:
+            cluster.give_up(peer.rank)
+            print(
+                f"\ndecentlam: peer {peer.rank} exited with status {code}; the others go on "
+                f"without it. Last lines of {peer.log_path}:",
+                file=sys.stderr,
+            )
+            print(cluster.log_tail(peer.rank), file=sys.stderr)
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:
@@ -174,18 +249,8 @@ def _watch(cluster: LocalCluster, view: ClusterView, args: argparse.Namespace) -
 def _watch_loop(cluster: LocalCluster, view: ClusterView, args: argparse.Namespace) -> int:
     deadline = time.monotonic() + args.timeout
     try:
-        while cluster.running():
-            failed = cluster.failed()
-            if failed is not None:
-                cluster.stop()
-                code = failed.process.returncode
-                print(
-                    f"\ndecentlam: peer {failed.rank} exited with status {code}; "
-                    f"last lines of {failed.log_path}:",
-                    file=sys.stderr,
-                )
-                print(cluster.log_tail(failed.rank), file=sys.stderr)
-                return 1
+        while cluster.running() or cluster.dead():
+            _supervise(cluster, getattr(args, "max_restarts", 0))
             if time.monotonic() > deadline:
                 cluster.stop()
                 print(f"\ndecentlam: timed out after {args.timeout} s", file=sys.stderr)
@@ -199,13 +264,8 @@ def _watch_loop(cluster: LocalCluster, view: ClusterView, args: argparse.Namespa
         cluster.wait(60.0)
         cluster.stop(grace_seconds=5.0)
         return 130
-    failed = cluster.failed()
-    if failed is not None:
-        print(
-            f"decentlam: peer {failed.rank} exited with status {failed.process.returncode}; "
-            f"last lines of {failed.log_path}:",
-            file=sys.stderr,
-        )
-        print(cluster.log_tail(failed.rank), file=sys.stderr)
+    down = sorted({e["rank"] for e in cluster.events if e["event"] == "down"})
+    if down:
+        print(f"decentlam: peers {down} stayed down; the others finished", file=sys.stderr)
         return 1
     return 0

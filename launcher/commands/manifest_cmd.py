@@ -44,6 +44,8 @@ _TRAINING_FLAGS: tuple[tuple[str, type, str], ...] = (
     ("weight_decay", float, "weight decay (default 0)"),
     ("seed", int, "random seed (default 0)"),
     ("global_average_every", int, "exact global average every H steps (default 0 = never)"),
+    ("eval_every", int, "evaluate every this many steps (default 0 = only at the end)"),
+    ("checkpoint_every", int, "checkpoint every this many steps (default 0 = only at the end)"),
 )
 
 
@@ -80,6 +82,13 @@ def register(subparsers: Any) -> None:
     init.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     for name, kind, text in _TRAINING_FLAGS:
         init.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, help=text)
+    init.add_argument(
+        "--task-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="task option (training.task_options; YAML values, e.g. hidden=256, alpha=null)",
+    )
     init.add_argument("--output", "-o", default="-", help="output file (default: stdout)")
     init.add_argument("--force", action="store_true", help="overwrite an existing output file")
     init.add_argument(
@@ -126,6 +135,8 @@ def run_init(args: argparse.Namespace) -> int:
         for name, _, _ in _TRAINING_FLAGS
         if getattr(args, name) is not None
     }
+    if args.task_option:
+        overrides["task_options"] = parse_params(args.task_option)
     hosts = [h for h in args.hosts.split(",")] if args.hosts else None
     try:
         manifest = init_manifest(

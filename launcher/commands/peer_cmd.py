@@ -31,12 +31,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="run one peer of a manifest",
         description="Run one peer: serve its parameters over gRPC, train with the manifest's "
         "algorithm, export Prometheus metrics. Environment overrides: DECENTLAM_MANIFEST, "
-        "DECENTLAM_RANK, DECENTLAM_OUT, DECENTLAM_BIND.",
+        "DECENTLAM_RANK, DECENTLAM_LOCAL_INDEX, DECENTLAM_OUT, DECENTLAM_BIND. Exit status: 0 "
+        "finished or stopped by a signal, 1 gave up (peer-<r>.json says why), 2 could not "
+        "start.",
     )
     parser.add_argument("--manifest", type=Path, help="manifest YAML (env DECENTLAM_MANIFEST)")
     parser.add_argument("--rank", type=int, help="this peer's rank (env DECENTLAM_RANK)")
     parser.add_argument("--host", help="find this peer's entry by host (with --port)")
-    parser.add_argument("--port", type=int, help="find this peer's entry by port (with --host)")
+    parser.add_argument(
+        "--port",
+        type=int,
+        help="find this peer's entry by port (with --host, or among this machine's peers)",
+    )
+    parser.add_argument(
+        "--local-index",
+        type=int,
+        help="with several peers of the manifest on this machine: which one, 0-based in rank "
+        "order (env DECENTLAM_LOCAL_INDEX); without --rank the entry is found from this "
+        "machine's addresses and names",
+    )
     parser.add_argument("--out", type=Path, help="output directory (env DECENTLAM_OUT)")
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoint")
     parser.add_argument(
@@ -53,6 +66,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=60.0,
         help="after the last step, serve slower neighbours for at most this long",
     )
+    parser.add_argument(
+        "--progress-seconds",
+        type=float,
+        default=10.0,
+        help="print a progress line this often (default 10; 0: only start and end lines)",
+    )
+    parser.add_argument("--quiet", action="store_true", help="print nothing but errors")
     parser.set_defaults(func=run)
 
 
@@ -73,8 +93,17 @@ def die_with_parent() -> None:
         raise UsageError(f"launcher (pid {parent}) is gone: not starting")
 
 
+def _print_line(line: str) -> None:
+    print(f"decentlam: {line}", flush=True)
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the peer; exit 0 on success or a clean stop."""
+    # torch's C++ logger prints multi-line backtraces for rendezvous retries and failures;
+    # the peer reports those as one line itself (set before torch is imported). DEBUG keeps
+    # them, and so does an explicit TORCH_CPP_LOG_LEVEL.
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "FATAL")
     from peer.process import PeerOptions, PeerSetupError, run_peer
 
     die_with_parent()
@@ -84,8 +113,15 @@ def run(args: argparse.Namespace) -> int:
     if not Path(manifest).exists():
         raise UsageError(f"manifest {manifest} does not exist")
     rank = args.rank if args.rank is not None else _env_int("DECENTLAM_RANK")
-    if rank is None and (args.host is None or args.port is None):
-        raise UsageError("give --rank (or DECENTLAM_RANK), or --host and --port")
+    local_index = (
+        args.local_index if args.local_index is not None else _env_int("DECENTLAM_LOCAL_INDEX")
+    )
+    if local_index is not None and local_index < 0:
+        raise UsageError(f"--local-index must be >= 0, got {local_index}")
+    if args.host is not None and args.port is None:
+        raise UsageError("--host needs --port")
+    if args.progress_seconds < 0:
+        raise UsageError(f"--progress-seconds must be >= 0, got {args.progress_seconds}")
     if args.max_staleness is not None and args.max_staleness < 0:
         raise UsageError(f"--max-staleness must be >= 0, got {args.max_staleness}")
     out = args.out or Path(os.environ.get("DECENTLAM_OUT", "decentlam-out"))
@@ -94,6 +130,7 @@ def run(args: argparse.Namespace) -> int:
         rank=rank,
         host=args.host,
         port=args.port,
+        local_index=local_index,
         out_dir=out,
         resume=args.resume,
         blocking=args.blocking,
@@ -101,11 +138,19 @@ def run(args: argparse.Namespace) -> int:
         bind=args.bind,
         dist_init_method=args.dist_init_method,
         linger_seconds=args.linger_seconds,
+        report=None if args.quiet else _print_line,
+        progress_seconds=args.progress_seconds,
     )
     try:
         result = run_peer(options)
     except PeerSetupError as exc:
         raise UsageError(str(exc)) from exc
+    # grpc.aio objects finalised during interpreter shutdown can hang the process
+    # (grpc/grpc#40447); the console entry point exits at once after a peer run.
+    args.exit_immediately = True
+    if result.failed:
+        print(f"decentlam: error: peer {result.rank}: {result.stop_reason}", file=sys.stderr)
+        return 1
     logger.info(
         "peer %d finished at step %d (loss %.4g, eval %s)",
         result.rank, result.steps, result.final_loss, result.eval,

@@ -1,4 +1,5 @@
-"""Pure update rules of every decentralized method (ALGORITHMS.md), split around communication.
+"""Pure update rules of every decentralized method (``docs/algorithms.md``), split around
+communication.
 
 One implementation of each rule, two drivers: the in-process :mod:`peer.simulation.simulator` (all
 ``n``

@@ -112,6 +112,30 @@ class TrainingMetrics:
             ("rank", "neighbor"),
             registry=registry,
         )
+        self.live_neighbors = Gauge(
+            "decentlam_live_neighbors",
+            "In-neighbours this peer currently mixes (its live view of the graph).",
+            label,
+            registry=registry,
+        ).labels(self.rank)
+        self.membership_changes = Counter(
+            "decentlam_membership_changes",
+            "Neighbours marked down or re-admitted by this peer.",
+            label,
+            registry=registry,
+        ).labels(self.rank)
+        self.rejoins = Counter(
+            "decentlam_rejoins",
+            "Times this peer took a neighbour's state and rejoined (restart or fell behind).",
+            label,
+            registry=registry,
+        ).labels(self.rank)
+        self.rejoin_seconds = Gauge(
+            "decentlam_rejoin_seconds",
+            "Duration of the last rejoin: process start (or falling behind) to first mixed step.",
+            label,
+            registry=registry,
+        ).labels(self.rank)
         self.info = Info(
             "decentlam_build",
             "Version, algorithm, topology and world size of this peer.",

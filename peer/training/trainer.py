@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from peer.errors import ExchangeError
+from peer.errors import ExchangeError, FellBehind
 from peer.training.checkpoint import (
     checkpoint_path,
     load_checkpoint,
@@ -81,6 +81,11 @@ class TrainResult:
     consensus_distance: float
     max_staleness_seen: int
     history: list[dict[str, float]] = field(default_factory=list)
+    max_blocked_seconds: float = 0.0
+    # Why the run ended before ``steps``: "signal" for a requested stop, else the one-line
+    # error that made this peer give up (``failed`` is then true); None when it finished.
+    stop_reason: str | None = None
+    failed: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -106,6 +111,9 @@ class Trainer:
         on_step: called after every iteration with ``(step, loss)`` (e.g. to publish progress).
         bytes_sent: callable returning the bytes this peer has served so far (for the summary).
         stop_event: set to stop (e.g. by a signal handler installed before the trainer existed).
+        rejoin: called when a step raised :class:`~peer.errors.FellBehind`: takes a live
+            neighbour's state into the model and optimizer and returns the step to go on
+            from (``None``: the error ends the run).
     """
 
     def __init__(
@@ -120,8 +128,10 @@ class Trainer:
         on_step: Callable[[int, float], None] | None = None,
         bytes_sent: Callable[[], int] | None = None,
         stop_event: threading.Event | None = None,
+        rejoin: Callable[[FellBehind], int] | None = None,
     ) -> None:
         self.task = task
+        self.rejoin = rejoin
         self.model: torch.nn.Module = task.model
         self.optimizer = optimizer
         self.rank = rank
@@ -236,6 +246,7 @@ class Trainer:
         history: list[dict[str, float]] = []
         eval_results: dict[str, float] = {}
         distance = math.nan
+        gave_up: ExchangeError | None = None
         started = time.perf_counter()
         while self.step < self.config.steps and not self.stop_event.is_set():
             begin = time.perf_counter()
@@ -249,9 +260,18 @@ class Trainer:
                 if self.stop_event.is_set():
                     logger.warning("stop requested: step %d abandoned", self.step)
                     break  # parameters untouched: the checkpoint below is at self.step
+                if isinstance(exc, FellBehind) and self.rejoin is not None:
+                    logger.warning("%s: rejoining", exc)
+                    self.step = self.rejoin(exc)  # the step was abandoned whole
+                    batches = batches_from(self.task, self.step)
+                    continue
                 if self.metrics is not None and exc.neighbor is not None:
                     self.metrics.set_neighbor_up(exc.neighbor, False)
-                raise
+                # This peer cannot go on: checkpoint what it has (the parameters of a failed
+                # step are untouched) and report why; the process exits non-zero.
+                logger.error("peer %d gives up at step %d: %s", self.rank, self.step, exc)
+                gave_up = exc
+                break
             loss_value = float(loss.detach())
             elapsed = time.perf_counter() - begin
             stats: list[ExchangeStats] = list(getattr(self.optimizer, "last_exchange_stats", []))
@@ -294,6 +314,10 @@ class Trainer:
             if every and self.step % every == 0:
                 self.checkpoint()
         stopped_early = self.step < self.config.steps
+        if gave_up is not None:
+            stop_reason: str | None = str(gave_up)
+        else:
+            stop_reason = "signal" if stopped_early else None
         if not stopped_early:
             record = {"step": self.step, "loss": loss_value}
             eval_results = self._evaluate(record)
@@ -319,6 +343,9 @@ class Trainer:
             consensus_distance=distance,
             max_staleness_seen=max_staleness_seen,
             history=history,
+            max_blocked_seconds=max(blocked_times, default=0.0),
+            stop_reason=stop_reason,
+            failed=gave_up is not None,
         )
 
 

@@ -8,8 +8,8 @@ Decentralized methods need exactly two collective operations:
 
 Both are started without blocking and return a :class:`Handle`; ``handle.wait()`` returns the
 mixed vector. A :class:`Communicator` is one peer's end of a transport. There are two
-transports behind the same interface (STYLE.md: "one gRPC implementation, one in-memory
-implementation for fast tests, and one shared contract test run against both"):
+transports behind the same interface, and one contract test
+(``tests/test_exchange_contract.py``) runs against both:
 
 * :class:`InMemoryFabric` / :class:`InMemoryCommunicator` (this module): peers are threads of
   one process sharing a board of published vectors. Used by fast unit tests of the optimizers.
@@ -206,6 +206,8 @@ class Communicator(abc.ABC):
 
     rank: int
     world_size: int
+    # The topology whose views give default weights; None when every call passes weights.
+    topology: TopologyLike | None = None
 
     @abc.abstractmethod
     def neighbor_average_async(
@@ -262,8 +264,7 @@ class Communicator(abc.ABC):
         transports' :meth:`neighbor_average_async`)."""
         if max_staleness < 0:
             raise ValueError(f"max_staleness must be >= 0, got {max_staleness}")
-        topology = getattr(self, "topology", None)
-        return resolve_weights(topology, self.rank, step, self_weight, src_weights)
+        return resolve_weights(self.topology, self.rank, step, self_weight, src_weights)
 
     def neighbor_average(
         self,
@@ -358,7 +359,8 @@ def choose_step(
         The chosen step, or ``None`` when none is acceptable yet (wait for a publish).
 
     Raises:
-        StepEvicted: ``step`` is older than the oldest retained step: it will never come.
+        StepEvicted: ``step`` is older than the oldest retained step, or newer steps are retained
+            but none in range (the peer skipped them): it will never come.
     """
     if not retained_steps:
         return None
@@ -372,6 +374,19 @@ def choose_step(
         owner = "" if neighbor is None else f"peer {neighbor}: "
         raise StepEvicted(
             f"{owner}{name!r} step {step} is no longer retained (oldest retained: {oldest})",
+            neighbor=neighbor,
+            name=name,
+            step=step,
+            oldest_step=oldest,
+        )
+    newest = retained_steps[-1]
+    if newest > step:
+        # Published past the range without it: the peer skipped those steps (it rejoined from a
+        # neighbour's state, peer.rejoin); they will never come.
+        owner = "" if neighbor is None else f"peer {neighbor}: "
+        raise StepEvicted(
+            f"{owner}{name!r} steps [{min_step}, {step}] were skipped (it rejoined at a later "
+            f"step; retained: {list(retained_steps)})",
             neighbor=neighbor,
             name=name,
             step=step,

@@ -10,18 +10,30 @@ from __future__ import annotations
 
 import datetime
 import logging
+import os
+import threading
 import time
 from collections.abc import Mapping
 
 import torch
 import torch.distributed as dist
 
-from peer.errors import ExchangeTimeout
+from peer.errors import ExchangeTimeout, PeerUnavailable
 from peer.transport.base import Communicator, ExchangeStats, Handle
 
 logger = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.0005
+RENDEZVOUS_POLL_SECONDS = 0.1
+
+
+class RendezvousStopped(RuntimeError):
+    """A stop (SIGTERM) arrived while the peer waited for the process group to form."""
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
 
 
 class _AllReduceHandle(Handle):
@@ -53,18 +65,24 @@ class _AllReduceHandle(Handle):
 
     def wait(self, timeout: float | None = None) -> torch.Tensor:
         if self._result is None:
-            entered = time.monotonic()
-            if timeout is None:
-                try:
-                    self._work.wait()  # bounded by the process group's timeout
-                finally:
-                    self.stats.wait_seconds += time.monotonic() - entered
-            elif not self.wait_done(timeout):
+            if timeout is not None and not self.wait_done(timeout):
                 raise ExchangeTimeout(
                     f"all-reduce of step {self._step} did not finish within {timeout} s",
                     step=self._step,
                 )
-            self._work.wait()  # completed: surfaces a failed collective's error
+            entered = time.monotonic()
+            try:
+                # Completed: surfaces a failed collective's error. Without a timeout: blocks,
+                # bounded by the process group's own timeout.
+                self._work.wait()
+            except RuntimeError as exc:  # a peer is gone: gloo/NCCL raise multi-line errors
+                raise PeerUnavailable(
+                    f"all-reduce of step {self._step} failed: {_first_line(exc)}",
+                    step=self._step,
+                ) from exc
+            finally:
+                if timeout is None:
+                    self.stats.wait_seconds += time.monotonic() - entered
             self._result = self._buffer.div_(self._world_size)
             self.stats.bytes_received = self._buffer.numel() * self._buffer.element_size()
         return self._result
@@ -90,26 +108,82 @@ class TorchDistributedCommunicator(Communicator):
         init_method: str,
         backend: str | None = None,
         timeout_seconds: float = 60.0,
+        interface: str | None = None,
+        stop: threading.Event | None = None,
     ) -> TorchDistributedCommunicator:
-        """Join the process group (blocks until every rank has joined or the timeout ends).
+        """Join the process group (blocks until every rank has joined, the deadline passes or
+        ``stop`` is set).
+
+        The rendezvous runs in a helper thread so that this thread keeps serving signal
+        handlers: a SIGTERM during a rendezvous that will never complete (a peer missing) ends
+        the wait at once.
 
         Args:
             rank: this peer.
             world_size: number of peers.
             init_method: rendezvous URL, e.g. ``tcp://10.0.0.1:29500``.
             backend: ``gloo``/``nccl``; default NCCL when CUDA is available, else gloo.
-            timeout_seconds: rendezvous and collective timeout.
+            timeout_seconds: rendezvous deadline and collective timeout.
+            interface: network interface gloo / NCCL use (sets ``GLOO_SOCKET_IFNAME`` /
+                ``NCCL_SOCKET_IFNAME`` for this process unless already set); ``None`` lets
+                them choose (gloo then uses the address the host name resolves to).
+            stop: when set, give up the rendezvous.
+
+        Raises:
+            ExchangeTimeout: the group did not form within ``timeout_seconds``.
+            PeerUnavailable: the rendezvous failed (message: one line).
+            RendezvousStopped: ``stop`` was set first.
         """
         if backend is None:
             backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(
-            backend,
-            init_method=init_method,
-            rank=rank,
-            world_size=world_size,
-            timeout=datetime.timedelta(seconds=timeout_seconds),
-        )
-        logger.info("joined %s process group at %s as rank %d", backend, init_method, rank)
+        if interface is not None:
+            for variable in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+                os.environ.setdefault(variable, interface)
+        failure: list[BaseException] = []
+
+        def join() -> None:
+            try:
+                dist.init_process_group(
+                    backend,
+                    init_method=init_method,
+                    rank=rank,
+                    world_size=world_size,
+                    timeout=datetime.timedelta(seconds=timeout_seconds),
+                )
+            except BaseException as exc:
+                failure.append(exc)
+
+        logger.info(
+            "waiting for the %s rendezvous at %s (rank %d of %d, up to %g s)",
+            backend, init_method, rank, world_size, timeout_seconds,
+        )  # fmt: skip
+        thread = threading.Thread(target=join, name="dist-rendezvous", daemon=True)
+        thread.start()
+        # torch's own timeout usually fires first; ours bounds what it does not cover.
+        deadline = time.monotonic() + timeout_seconds + 5.0
+        while thread.is_alive():
+            if stop is not None and stop.is_set():
+                raise RendezvousStopped(f"stopped during the {backend} rendezvous at {init_method}")
+            if time.monotonic() >= deadline:
+                raise ExchangeTimeout(
+                    f"{backend} rendezvous at {init_method}: not all {world_size} peers joined "
+                    f"within {timeout_seconds:g} s"
+                )
+            thread.join(RENDEZVOUS_POLL_SECONDS)
+        if failure:
+            exc = failure[0]
+            if "timeout" in str(exc).lower() or "timed out" in str(exc).lower():
+                raise ExchangeTimeout(
+                    f"{backend} rendezvous at {init_method}: not all {world_size} peers joined "
+                    f"within {timeout_seconds:g} s ({_first_line(exc)})"
+                ) from exc
+            raise PeerUnavailable(
+                f"{backend} rendezvous at {init_method} failed: {_first_line(exc)}"
+            ) from exc
+        logger.info(
+            "joined %s process group at %s as rank %d (interface %s)",
+            backend, init_method, rank, os.environ.get("GLOO_SOCKET_IFNAME", "default"),
+        )  # fmt: skip
         return cls(rank, world_size)
 
     def neighbor_average_async(

@@ -43,6 +43,7 @@ from peer.transport.grpc.wire import (
     PeerInfo,
     RangeAssembler,
     StateHeader,
+    VersionHeader,
     decode_fetch_response,
     decode_state_response,
     element_size,
@@ -76,6 +77,7 @@ class FetchResult:
     nbytes: int
     chunks: int
     retries: int
+    live_neighbors: tuple[int, ...] | None = None
 
 
 def as_aio_error(exc: grpc.RpcError) -> grpc.aio.AioRpcError:
@@ -314,7 +316,7 @@ class PeerClient:
         parallel_streams: int,
         timeout: float,
         widen_into: torch.Tensor | None,
-    ) -> tuple[int, int, int]:
+    ) -> tuple[VersionHeader, int, int]:
         wire = expect_like.payload_dtype
         total = len(dest) if widen_into is None else widen_into.numel() * element_size(wire)
         parts = max(1, min(parallel_streams, total // MIN_RANGE_BYTES))
@@ -379,7 +381,7 @@ class PeerClient:
         if header is None:  # finish() refuses a stream without a header: cannot happen
             raise WireError(f"no header in the {name!r} stream from peer {self.neighbor}")
         received = sum(a.received_bytes for a in assemblers)
-        return header.step, received, sum(a.received_chunks for a in assemblers)
+        return header, received, sum(a.received_chunks for a in assemblers)
 
     async def fetch_into(
         self,
@@ -447,7 +449,7 @@ class PeerClient:
                         name=name,
                         step=step,
                     )
-                served, nbytes, chunks = await self._fetch_once(
+                header, nbytes, chunks = await self._fetch_once(
                     name,
                     step,
                     min_step,
@@ -458,7 +460,7 @@ class PeerClient:
                     timeout,
                     widen_into if wire else None,
                 )
-                return FetchResult(served, nbytes, chunks, retries)
+                return FetchResult(header.step, nbytes, chunks, retries, header.live_neighbors)
             except grpc.aio.AioRpcError as exc:
                 retry_in = backoff_seconds * (2**retries)
                 if (

@@ -17,6 +17,13 @@ thread-safe and returns without blocking on the network unless its name says it 
 Mixing uses :func:`peer.transport.base.weighted_sum`, so this transport and the in-memory one agree
 bit
 for bit.
+
+With ``ExchangeConfig.failure_detection_seconds`` set (what real peers run), exchanges go through
+the live membership: each published version declares the in-neighbours this peer mixes at that
+step, sources that fail are marked down instead of failing the step, and the row of ``W`` is
+recomputed on the live graph (:mod:`topology.live`). Without faults the weights, and so the
+mixed vectors, are exactly those of the strict path. A peer that finds itself far behind its
+neighbours gets :class:`~peer.errors.FellBehind` from ``wait`` and must rejoin (GetState).
 """
 
 from __future__ import annotations
@@ -26,12 +33,14 @@ import concurrent.futures
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from prometheus_client import CollectorRegistry
 
-from peer.errors import ExchangeTimeout, PeerUnavailable
+from peer.errors import ExchangeError, ExchangeTimeout, FellBehind, PeerUnavailable, StepEvicted
 from peer.transport.base import (
     Communicator,
     CompletedHandle,
@@ -42,14 +51,39 @@ from peer.transport.base import (
     weighted_sum,
 )
 from peer.transport.grpc.metrics import ExchangeMetrics
-from peer.transport.grpc.node import ExchangeConfig, PeerNode, Received
+from peer.transport.grpc.node import ExchangeConfig, PeerNode, Received, skipped
 from peer.transport.grpc.server import LoopThread
 from peer.transport.grpc.store import PeerState, StateProvider, snapshot
 from peer.transport.grpc.wire import PeerInfo
+from topology.live import (
+    MixingMode,
+    fell_behind,
+    metropolis_live_row,
+    mixing_mode,
+    self_absorbing_row,
+)
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["ExchangeConfig", "GrpcCommunicator", "GrpcHandle"]
+
+# How often a wait that can be stopped looks at its stop event.
+STOP_POLL_SECONDS = 0.1
+
+
+@dataclass(frozen=True)
+class LiveMix:
+    """How a live-mode exchange reweights its row once the vectors are in.
+
+    Attributes:
+        declared: ``L_i(k)``, the in-neighbours this peer declared it mixes.
+        mode: Metropolis-Hastings on the live degrees, or missing weights to self.
+        full_degrees: every neighbour's degree in the full graph (Metropolis mode).
+    """
+
+    declared: frozenset[int]
+    mode: MixingMode
+    full_degrees: dict[int, int]
 
 
 class GrpcHandle(Handle):
@@ -64,8 +98,9 @@ class GrpcHandle(Handle):
         self_weight: float,
         weights: dict[int, float],
         deadline_seconds: float,
-        future: concurrent.futures.Future[dict[int, Received]],
+        future: concurrent.futures.Future[Any],
         pending: set[int],
+        live: LiveMix | None = None,
     ) -> None:
         self._comm = comm
         self._name = name
@@ -78,6 +113,7 @@ class GrpcHandle(Handle):
         self._wait_recorded = False
         self._future = future
         self._pending = pending
+        self._live = live
         self._result: torch.Tensor | None = None
         self._lock = threading.Lock()
         self.stats = ExchangeStats()
@@ -103,7 +139,7 @@ class GrpcHandle(Handle):
             # The fetch coroutine raises at its own deadline; the slack lets its error win.
             budget = self._deadline - entered + 1.0 if timeout is None else timeout
             try:
-                received = self._future.result(max(0.0, budget))
+                outcome = self._future.result(max(0.0, budget))
             except BaseException:
                 self.stats.wait_seconds += time.monotonic() - entered
                 if not self._future.done():  # still in flight after the caller's timeout
@@ -119,15 +155,27 @@ class GrpcHandle(Handle):
                 self._record_wait()  # the exchange failed: its own error goes up
                 raise
             self.stats.wait_seconds += time.monotonic() - entered
+            if self._live is None:
+                received: dict[int, Received] = outcome
+                base_self, base = self._self_weight, self._weights
+            else:
+                received, failed = outcome
+                try:
+                    self._comm.check_behind(self._name, self._step, failed)
+                except FellBehind:
+                    self._record_wait()
+                    raise
+                base_self, base = self._live_row(received)
             others = {
                 j: r.tensor.to(self._own.device, non_blocking=True) for j, r in received.items()
             }
             self_weight, weights = damp_stale_weights(
-                self._self_weight, self._weights, {j: r.step for j, r in received.items()},
-                self._step,
-            )  # fmt: skip
+                base_self, base, {j: r.step for j, r in received.items()}, self._step
+            )
             self._result = weighted_sum(self._own, self_weight, others, weights, self._comm.rank)
             for j, r in received.items():
+                if j not in weights:
+                    continue  # arrived but not mixed (live mode: it does not mix us)
                 self.stats.used_steps[j] = r.step
                 self.stats.latency_seconds[j] = r.latency_seconds
                 self.stats.bytes_received += r.nbytes
@@ -139,6 +187,21 @@ class GrpcHandle(Handle):
         if not self._wait_recorded:
             self._wait_recorded = True
             self._comm.metrics.waited(self.stats.wait_seconds)
+
+    def _live_row(self, received: Mapping[int, Received]) -> tuple[float, dict[int, float]]:
+        live = self._live
+        if live is None:
+            return self._self_weight, dict(self._weights)
+        if live.mode is MixingMode.METROPOLIS:
+            their = {
+                j: None if r.live_neighbors is None else frozenset(r.live_neighbors)
+                for j, r in received.items()
+            }
+            return metropolis_live_row(
+                self._comm.rank, self._self_weight, self._weights, live.declared, their,
+                live.full_degrees,
+            )  # fmt: skip
+        return self_absorbing_row(self._self_weight, self._weights, set(received))
 
 
 class GrpcCommunicator(Communicator):
@@ -162,6 +225,11 @@ class GrpcCommunicator(Communicator):
         self._loop_thread = loop_thread
         self._node = node
         self._closed = False
+        self.membership = node.membership
+        # Duck-typed topologies (tests) without a weight scheme are treated as directed.
+        self._mode = mixing_mode(
+            getattr(topology, "weights", ""), bool(getattr(topology, "is_time_varying", True))
+        )
 
     @classmethod
     def start(
@@ -255,13 +323,49 @@ class GrpcCommunicator(Communicator):
         return self._loop_thread.run(export(), self.config.connect_deadline_seconds)
 
     def publish(
-        self, name: str, tensor: torch.Tensor, step: int, *, copy: bool = True
+        self,
+        name: str,
+        tensor: torch.Tensor,
+        step: int,
+        *,
+        copy: bool = True,
+        live_neighbors: frozenset[int] | None = None,
     ) -> torch.Tensor:
         """Publish ``tensor`` as ``(name, step)`` without fetching; returns the snapshot
-        (``tensor`` itself with ``copy=False``: the caller no longer modifies it)."""
+        (``tensor`` itself with ``copy=False``: the caller no longer modifies it).
+        ``live_neighbors`` is the in-neighbour set declared in the version's header."""
         own, version = snapshot(tensor, name, step, copy=copy, wire_dtype=self.config.wire_dtype)
+        if live_neighbors is not None:
+            version.live_neighbors = tuple(sorted(live_neighbors))
         self._loop_thread.loop.call_soon_threadsafe(self._node.served.store.insert, version)
         return own
+
+    def link_states(self) -> dict[int, bool]:
+        """``{neighbour: up}`` as this peer's membership sees it (empty in strict mode)."""
+        if self.membership is None:
+            return {}
+        return {rank: status.up for rank, status in self.membership.statuses().items()}
+
+    def check_behind(self, name: str, step: int, failed: Mapping[int, ExchangeError]) -> None:
+        """Raise :class:`FellBehind` when a neighbour evicted ``step`` or was seen far ahead."""
+        evicted = sorted(
+            j for j, e in failed.items() if isinstance(e, StepEvicted) and not skipped(e, step)
+        )
+        if self.membership is None:
+            return
+        ahead = fell_behind(step, self.membership.statuses(), self.membership.policy)
+        source = ahead if ahead is not None else (evicted[0] if evicted else None)
+        if source is None:
+            return
+        status = self.membership.statuses().get(source)
+        seen = status.known_step if status is not None else None
+        raise FellBehind(
+            f"peer {self.rank} at step {step} fell behind: peer {source} is at step "
+            f"{seen if seen is not None else 'beyond its retained window'}",
+            neighbor=source,
+            name=name,
+            step=seen,
+        )
 
     def neighbor_average_async(
         self,
@@ -277,6 +381,10 @@ class GrpcCommunicator(Communicator):
         if self._closed:
             raise RuntimeError("communicator is closed")
         weight, weights = self._mixing_weights(step, self_weight, src_weights, max_staleness)
+        if self.membership is not None:
+            return self._live_average(
+                name, tensor, step, weight, weights, src_weights is None, max_staleness, copy
+            )
         own = self.publish(name, tensor, step, copy=copy)
         if not weights:
             return CompletedHandle(own.mul(weight))
@@ -288,6 +396,43 @@ class GrpcCommunicator(Communicator):
             )
         )
         return GrpcHandle(self, name, step, own, weight, weights, deadline_seconds, future, pending)
+
+    def _live_average(
+        self,
+        name: str,
+        tensor: torch.Tensor,
+        step: int,
+        weight: float,
+        weights: dict[int, float],
+        from_topology: bool,
+        max_staleness: int,
+        copy: bool,
+    ) -> Handle:
+        membership = self.membership
+        if membership is None:
+            raise RuntimeError("live averaging needs failure_detection_seconds")
+        declared = membership.declared(step, frozenset(weights))
+        own = self.publish(name, tensor, step, copy=copy, live_neighbors=declared)
+        if not weights:
+            return CompletedHandle(own.mul(weight))
+        mode = self._mode if from_topology else MixingMode.SELF_ABSORBING
+        degrees = {}
+        if mode is MixingMode.METROPOLIS and self.topology is not None:
+            degrees = {j: len(self.topology.view(j, step).in_neighbors) for j in weights}
+        else:
+            mode = MixingMode.SELF_ABSORBING
+        live = LiveMix(declared, mode, degrees)
+        sources = sorted(j for j in declared if membership.is_up(j))
+        deadline_seconds = self.config.fetch_deadline_seconds
+        pending = set(sources)
+        future = self._loop_thread.submit(
+            self._node.exchange_live(
+                name, step, step - max_staleness, own, sources, deadline_seconds, pending
+            )
+        )
+        return GrpcHandle(
+            self, name, step, own, weight, weights, deadline_seconds, future, pending, live
+        )
 
     def fetch(
         self,
@@ -326,22 +471,40 @@ class GrpcCommunicator(Communicator):
         received = self._loop_thread.run(one(), seconds + 1.0)
         return received.step, received.tensor
 
-    def wait_for_neighbors(self, timeout: float) -> dict[int, PeerInfo]:
+    def wait_for_neighbors(
+        self, timeout: float, stop: threading.Event | None = None
+    ) -> dict[int, PeerInfo]:
         """Call Info on every known neighbour until all answer or ``timeout`` passes.
+
+        Args:
+            timeout: seconds to wait for every neighbour.
+            stop: when set, the wait ends within ``STOP_POLL_SECONDS`` (a stop request).
 
         Returns:
             ``{rank: PeerInfo}`` of every neighbour.
 
         Raises:
-            PeerUnavailable: naming every neighbour that did not answer in time.
+            PeerUnavailable: naming every neighbour that did not answer in time (or before the
+                stop request).
         """
 
         async def probe_all() -> dict[int, PeerInfo | BaseException]:
-            ranks = sorted(self._node.clients)
-            results = await asyncio.gather(
-                *(self._node.clients[r].call_info(timeout) for r in ranks), return_exceptions=True
-            )
-            return dict(zip(ranks, results, strict=True))
+            calls = {
+                r: asyncio.ensure_future(client.call_info(timeout))
+                for r, client in sorted(self._node.clients.items())
+            }
+            pending = set(calls.values())
+            poll = None if stop is None else STOP_POLL_SECONDS
+            while pending and not (stop is not None and stop.is_set()):
+                _, pending = await asyncio.wait(pending, timeout=poll)
+            results: dict[int, PeerInfo | BaseException] = {}
+            for r, call in calls.items():
+                if call.done():
+                    results[r] = call.exception() or call.result()
+                else:
+                    call.cancel()
+                    results[r] = PeerUnavailable("no answer before the stop request", neighbor=r)
+            return results
 
         results = self._loop_thread.run(probe_all(), timeout + 1.0)
         failed = {r: e for r, e in results.items() if isinstance(e, BaseException)}
@@ -351,6 +514,25 @@ class GrpcCommunicator(Communicator):
             )
             raise PeerUnavailable(f"peer {self.rank}: neighbours unreachable: {names}")
         return {r: info for r, info in results.items() if isinstance(info, PeerInfo)}
+
+    def probe_neighbors(self, timeout: float) -> dict[int, PeerInfo]:
+        """Call Info on every known neighbour; ``{rank: PeerInfo}`` of those that answered
+        within ``timeout`` (the others are left out, not an error)."""
+
+        async def probe_all() -> dict[int, PeerInfo | BaseException]:
+            ranks = sorted(self._node.clients)
+            results = await asyncio.gather(
+                *(self._node.clients[r].call_info(timeout) for r in ranks), return_exceptions=True
+            )
+            return dict(zip(ranks, results, strict=True))
+
+        results = self._loop_thread.run(probe_all(), timeout + 1.0)
+        return {r: info for r, info in results.items() if isinstance(info, PeerInfo)}
+
+    def set_link_filter(self, link_cut: Callable[[int, int, int], bool] | None) -> None:
+        """Fault injection: ``link_cut(src, dst, step)`` True makes fetches and probes of
+        ``src`` by this peer (``dst``) fail as if ``src`` were unreachable."""
+        self._node.link_cut = link_cut
 
     def fetch_state(self, rank: int, timeout: float) -> PeerState:
         """Fetch peer ``rank``'s training state (GetState) for rejoining.

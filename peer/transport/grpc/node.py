@@ -5,6 +5,12 @@ owns the gRPC server, the retained versions and one :class:`~peer.transport.grpc
 per
 neighbour, and runs the parallel neighbour fetches of one exchange. The synchronous facade the
 training loop uses is :class:`peer.transport.grpc.communicator.GrpcCommunicator`.
+
+With ``failure_detection_seconds`` set, an exchange never fails because of one neighbour
+(:meth:`PeerNode.exchange_live`): a neighbour that misses the detection delay, refuses the
+connection or answers UNAVAILABLE is marked down in this peer's :class:`Membership`, the step
+goes on with the neighbours that answered, and down neighbours are probed (Info, short deadline)
+in the background and re-admitted by the pure rules of :mod:`topology.live`.
 """
 
 from __future__ import annotations
@@ -12,15 +18,17 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import re
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from importlib import metadata
 from typing import Any
 
 import torch
 
-from peer.errors import PeerUnavailable
+from peer import __version__
+from peer.errors import ExchangeError, ExchangeTimeout, PeerUnavailable, StepEvicted
 from peer.transport.base import TopologyLike
 from peer.transport.grpc.allocator import tune_malloc
 from peer.transport.grpc.client import PeerClient
@@ -30,18 +38,23 @@ from peer.transport.grpc.server import PeerServicer, ServedPeer, create_server
 from peer.transport.grpc.store import VersionStore, byte_view, wire_dtype_for
 from peer.transport.grpc.throttle import BandwidthLimiter
 from peer.transport.grpc.wire import dtype_name
+from topology.live import (
+    MembershipPolicy,
+    NeighborStatus,
+    live_set,
+    mark_down,
+    probe_answered,
+    probe_sent,
+    saw_step,
+    should_probe,
+)
 from topology.manifest import MAX_CHUNK_BYTES, ExchangeSpec
 
 logger = logging.getLogger(__name__)
 
 MIB = 1 << 20
-
-
-def _software_version() -> str:
-    try:
-        return metadata.version("decentlam")
-    except metadata.PackageNotFoundError:
-        return "unknown"
+# Retries of an UNAVAILABLE fetch in live mode (backoff 0.05 s, 0.1 s) before marking it down.
+LIVE_MAX_RETRIES = 2
 
 
 #: The manifest's ``exchange`` section with every default: the one definition (type, range,
@@ -73,6 +86,14 @@ class ExchangeConfig:
         max_message_bytes: largest gRPC message sent or received (must exceed chunk_bytes).
         manifest_digest: digest of the run manifest, reported by Info.
         close_grace_seconds: grace period for in-flight RPCs when closing.
+        failure_detection_seconds: live membership: a neighbour that does not deliver within
+            this many seconds (or refuses, or is UNAVAILABLE) is marked down and the exchange
+            goes on without it. None: strict, the first failure fails the exchange (the
+            library default; real peers take the manifest's ``exchange`` setting).
+        probe_interval_seconds: least time between two probes of a down neighbour.
+        known_names: regular expressions of every vector name this peer publishes; a Fetch
+            of another, not yet published name is answered NOT_FOUND at once (None: any name
+            is waited for).
         wire_dtype: element type float32 vectors travel in (``"float32"``, ``"bfloat16"``,
             ``"float16"``); the sender rounds once per published version and the receiver
             widens into its float32 buffer. Every peer of a run must use the same one.
@@ -108,6 +129,9 @@ class ExchangeConfig:
     max_message_bytes: int = 2 * MAX_CHUNK_BYTES
     manifest_digest: str = ""
     close_grace_seconds: float = 1.0
+    failure_detection_seconds: float | None = None
+    probe_interval_seconds: float = 0.5
+    known_names: tuple[str, ...] | None = None
     wire_dtype: str = _SPEC.wire_dtype
     verify_checksums: bool | None = None
     tune_malloc: bool = True
@@ -130,6 +154,19 @@ class ExchangeConfig:
                 f"chunk_bytes {self.chunk_bytes} does not fit in a message of "
                 f"max_message_bytes {self.max_message_bytes} (- {MESSAGE_OVERHEAD_BYTES})"
             )
+        if self.failure_detection_seconds is not None and self.failure_detection_seconds <= 0:
+            raise ValueError("failure_detection_seconds must be positive (or None)")
+
+    def membership_policy(self) -> MembershipPolicy | None:
+        """The live-membership policy, or None in strict mode."""
+        if self.failure_detection_seconds is None:
+            return None
+        return MembershipPolicy(
+            detection_seconds=self.failure_detection_seconds,
+            probe_interval_seconds=self.probe_interval_seconds,
+            readmit_margin_steps=max(0, min(2, self.retained_versions - 2)),
+            behind_steps=max(1, self.retained_versions),
+        )
         if self.channels_per_neighbor < 1:
             raise ValueError(
                 f"channels_per_neighbor must be >= 1, got {self.channels_per_neighbor}"
@@ -162,12 +199,112 @@ MANIFEST_SETTINGS: tuple[str, ...] = (
 
 @dataclass
 class Received:
-    """One neighbour's vector as fetched: buffer, step served, latency, bytes."""
+    """One neighbour's vector as fetched: buffer, step served, latency, bytes, and the live
+    in-neighbours the sender declared for that step (None: it declared none)."""
 
     tensor: torch.Tensor
     step: int
     latency_seconds: float
     nbytes: int
+    live_neighbors: tuple[int, ...] | None = None
+
+
+class Membership:
+    """This peer's view of its neighbours (thread-safe; the decisions are :mod:`topology.live`).
+
+    Written from the event loop (fetch outcomes, probe answers) and read from the training
+    thread (the live set of a step), hence the lock.
+
+    Args:
+        policy: when to mark down, probe, re-admit.
+        clock: the time source (``time.monotonic``; tests pass their own).
+        on_change: called with ``(neighbor, up)`` after every transition.
+    """
+
+    def __init__(
+        self,
+        policy: MembershipPolicy,
+        clock: Callable[[], float] = time.monotonic,
+        on_change: Callable[[int, bool], None] | None = None,
+    ) -> None:
+        self.policy = policy
+        self.clock = clock
+        self.on_change = on_change
+        self._lock = threading.Lock()
+        self._status: dict[int, NeighborStatus] = {}
+        self._declared: dict[tuple[int, frozenset[int]], frozenset[int]] = {}
+        self.changes = 0
+
+    def statuses(self) -> dict[int, NeighborStatus]:
+        """A snapshot of every neighbour's status."""
+        with self._lock:
+            return dict(self._status)
+
+    def declared(self, step: int, neighbors: frozenset[int]) -> frozenset[int]:
+        """``L_i(step)``: the in-neighbours of ``neighbors`` mixed at ``step``, fixed at the
+        first exchange of that step (every bucket of a step declares the same set)."""
+        with self._lock:
+            key = (step, neighbors)
+            found = self._declared.get(key)
+            if found is None:
+                found = live_set(self._status, neighbors)
+                self._declared[key] = found
+                for old in [k for k in self._declared if k[0] < step - 16]:
+                    del self._declared[old]
+            return found
+
+    def is_up(self, rank: int) -> bool:
+        """Whether ``rank`` is currently mixed."""
+        with self._lock:
+            return self._status.get(rank, NeighborStatus()).up
+
+    def _update(self, rank: int, new: NeighborStatus) -> None:
+        old = self._status.get(rank, NeighborStatus())
+        self._status[rank] = new
+        if old.up != new.up:
+            self.changes += 1
+            logger.warning(
+                "neighbour %d is %s%s",
+                rank,
+                "up again" if new.up else "down",
+                f" ({new.reason})" if new.reason else "",
+            )
+            if self.on_change is not None:
+                self.on_change(rank, new.up)
+
+    def failed(self, rank: int, reason: str) -> None:
+        """An exchange with ``rank`` failed: mark it down."""
+        with self._lock:
+            self._update(
+                rank, mark_down(self._status.get(rank, NeighborStatus()), self.clock(), reason)
+            )
+
+    def served(self, rank: int, step: int) -> None:
+        """``rank`` served a version of ``step``."""
+        with self._lock:
+            self._status[rank] = saw_step(self._status.get(rank, NeighborStatus()), step)
+
+    def to_probe(self) -> list[int]:
+        """Down neighbours due for a probe (recorded as probed now)."""
+        now = self.clock()
+        with self._lock:
+            due = [r for r, s in self._status.items() if should_probe(s, now, self.policy)]
+            for rank in due:
+                self._status[rank] = probe_sent(self._status[rank], now)
+            return due
+
+    def answered(self, rank: int, their_step: int, own_step: int) -> None:
+        """A probe of ``rank`` answered with its current step."""
+        with self._lock:
+            status = self._status.get(rank, NeighborStatus())
+            new = probe_answered(status, self.clock(), their_step, own_step, self.policy)
+            self._update(rank, new)
+
+
+def skipped(error: StepEvicted, step: int) -> bool:
+    """Whether an eviction means the neighbour skipped ``step`` (it jumped ahead by taking a
+    neighbour's state) rather than that we are too far behind its retained window."""
+    return error.oldest_step is not None and error.oldest_step <= step
 
 
 class PeerNode:
@@ -180,6 +317,11 @@ class PeerNode:
         self.server: Any = None
         self.port = 0
         self.clients: dict[int, PeerClient] = {}
+        policy = config.membership_policy()
+        self.membership = None if policy is None else Membership(policy)
+        # Fault injection (peer.faults): (src, dst, step) -> True when the link is cut.
+        self.link_cut: Callable[[int, int, int], bool] | None = None
+        self._probes: set[asyncio.Task[None]] = set()
 
     @classmethod
     async def create(
@@ -204,7 +346,12 @@ class PeerNode:
             chunk_bytes=config.chunk_bytes,
             default_wait_seconds=config.fetch_deadline_seconds,
             manifest_digest=config.manifest_digest,
-            software_version=_software_version(),
+            software_version=__version__,
+            name_patterns=(
+                None
+                if config.known_names is None
+                else tuple(re.compile(pattern) for pattern in config.known_names)
+            ),
         )
         node = cls(rank, config, served)
         node.server, node.port = create_server(
@@ -256,9 +403,11 @@ class PeerNode:
         min_step: int,
         like: torch.Tensor,
         deadline: float,
+        max_retries: int | None = None,
         out: torch.Tensor | None = None,
     ) -> Received:
-        """Fetch ``src``'s version into a buffer shaped like ``like``.
+        """Fetch ``src``'s version into a buffer shaped like ``like`` (``max_retries`` after
+        UNAVAILABLE: the config's unless given).
 
         ``out`` (a contiguous CPU tensor of ``like``'s shape and dtype) is written in place;
         without it a fresh buffer is allocated (pinned for CUDA destinations). Reusing one
@@ -290,14 +439,14 @@ class PeerNode:
             parallel_streams=self.config.parallel_streams,
             deadline=deadline,
             backoff_seconds=self.config.retry_backoff_seconds,
-            max_retries=self.config.max_retries,
+            max_retries=self.config.max_retries if max_retries is None else max_retries,
             wire_dtype=wire_dtype_for(name, dtype, self.config.wire_dtype),
             widen_into=dest.reshape(-1),
             verify_checksum=self.config.verifies_checksums,
         )
         latency = time.perf_counter() - started
         self.served.metrics.fetched(src, latency, result.nbytes, result.chunks)
-        return Received(dest, result.step, latency, result.nbytes)
+        return Received(dest, result.step, latency, result.nbytes, result.live_neighbors)
 
     async def exchange(
         self,
@@ -324,6 +473,119 @@ class PeerNode:
             for task in tasks:
                 task.cancel()
 
+    async def exchange_live(
+        self,
+        name: str,
+        step: int,
+        min_step: int,
+        like: torch.Tensor,
+        sources: list[int],
+        deadline_seconds: float,
+        pending: set[int],
+    ) -> tuple[dict[int, Received], dict[int, ExchangeError]]:
+        """Fetch from every source in parallel; a failing source is marked down, not fatal.
+
+        A source that has not delivered after half the detection delay is asked for Info
+        (deadline: the other half): one that does not answer is down; one that answers is alive
+        but blocked on its own neighbours (or slow), and is waited for, up to
+        ``deadline_seconds`` in all. So a dead or stalled neighbour costs at most the detection
+        delay, and the delay does not cascade to the neighbours of its neighbours. Returns the
+        vectors that arrived and the error of every source that failed.
+        """
+        membership = self.membership
+        if membership is None:
+            raise RuntimeError("exchange_live needs failure_detection_seconds")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + deadline_seconds
+        half = membership.policy.detection_seconds / 2
+        # A neighbour alive (answering Info) but not delivering is waited for this long at
+        # most: then it is down too, well before the exchange deadline would fail the step.
+        patience = max(2 * half, deadline_seconds / 2)
+        self.probe_down()
+
+        async def one(src: int) -> Received:
+            if self.link_cut is not None and self.link_cut(src, self.rank, step):
+                raise PeerUnavailable(
+                    f"link {src}->{self.rank} cut by fault injection at step {step}",
+                    neighbor=src,
+                    name=name,
+                    step=step,
+                )
+            # A refused connection is a dead peer: a couple of quick retries, then down.
+            retries = min(LIVE_MAX_RETRIES, self.config.max_retries)
+            task = asyncio.ensure_future(
+                self.fetch(src, name, step, min_step, like, deadline, retries)
+            )
+            try:
+                waited = 0.0
+                while True:
+                    done, _ = await asyncio.wait((task,), timeout=half)
+                    if done:
+                        return task.result()
+                    waited += half
+                    if waited >= patience:
+                        raise ExchangeTimeout(
+                            f"no {name!r} step {step} from peer {src} within {waited:.3g} s "
+                            "(it answers Info but makes no progress)",
+                            neighbor=src,
+                            name=name,
+                            step=step,
+                        )
+                    try:
+                        await self.client(src, name, step).call_info(half)
+                    except ExchangeError as exc:
+                        raise ExchangeTimeout(
+                            f"no {name!r} step {step} from peer {src} within the detection "
+                            f"delay ({2 * half:.3g} s) and no answer to Info ({exc})",
+                            neighbor=src,
+                            name=name,
+                            step=step,
+                        ) from None
+            finally:
+                task.cancel()
+                pending.discard(src)
+
+        results = await asyncio.gather(*(one(src) for src in sources), return_exceptions=True)
+        received: dict[int, Received] = {}
+        failed: dict[int, ExchangeError] = {}
+        for src, result in zip(sources, results, strict=True):
+            if isinstance(result, Received):
+                received[src] = result
+                membership.served(src, result.step)
+            elif isinstance(result, StepEvicted) and not skipped(result, step):
+                failed[src] = result  # we are behind: the caller takes a neighbour's state
+            elif isinstance(result, ExchangeError):
+                failed[src] = result
+                membership.failed(src, f"{type(result).__name__}: {result}")
+            elif isinstance(result, BaseException):
+                raise result
+        return received, failed
+
+    def probe_down(self) -> None:
+        """Start a probe (Info, short deadline) of every down neighbour that is due one."""
+        if self.membership is None:
+            return
+        for rank in self.membership.to_probe():
+            client = self.clients.get(rank)
+            if client is not None:
+                task = asyncio.ensure_future(self._probe(rank, client))
+                self._probes.add(task)
+                task.add_done_callback(self._probes.discard)
+
+    async def _probe(self, rank: int, client: PeerClient) -> None:
+        membership = self.membership
+        if membership is None:
+            return
+        if self.link_cut is not None and self.link_cut(rank, self.rank, self.served.current_step):
+            return
+        timeout = min(1.0, membership.policy.detection_seconds)
+        try:
+            info = await client.call_info(timeout)
+        except ExchangeError as exc:
+            logger.debug("probe of peer %d: %s", rank, exc)
+            return
+        membership.answered(rank, info.current_step, self.served.current_step)
+
     async def close(self) -> None:
         """Stop the server (with grace), close every channel and release them, on the loop.
 
@@ -332,6 +594,8 @@ class PeerNode:
         runs; left to interpreter exit, it happens after the loop is gone, which can hang the
         process (grpc/grpc#40447).
         """
+        for task in list(self._probes):
+            task.cancel()
         server, self.server = self.server, None
         if server is not None:
             await server.stop(self.config.close_grace_seconds)

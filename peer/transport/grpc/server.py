@@ -1,6 +1,6 @@
 """The gRPC side of a peer: the ``decentlam.v1.Peer`` servicer, its server and its loop thread.
 
-The servicer is thin (STYLE.md): it turns protobuf requests into :mod:`peer.transport.grpc.wire`
+The servicer is thin: it turns protobuf requests into :mod:`peer.transport.grpc.wire`
 domain
 objects, asks the :class:`~peer.store.VersionStore` and the
 :class:`~peer.transport.grpc.security.ReadPolicy`,
@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
+import re
 import threading
 import time
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Coroutine, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -72,6 +74,13 @@ SERVER_KEEPALIVE_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.http2.max_ping_strikes", 2),
 )
 
+# Hardening against hostile or broken callers: a chunk is never smaller than this (unless the
+# server's own chunk size is), so `max_chunk_bytes: 1` cannot turn a vector into one message
+# per byte; and one caller holds at most this many Fetch/GetState streams at once (a peer
+# needs one per bucket and range stream).
+MIN_CHUNK_BYTES = 64 << 10
+MAX_STREAMS_PER_CALLER = 64
+
 T = TypeVar("T")
 
 
@@ -92,6 +101,9 @@ class ServedPeer:
         software_version: decentlam version (Info).
         current_step: last step reported by the training loop (Info).
         state_provider: GetState callback, or None.
+        name_patterns: the vector names this peer will ever publish (regular expressions);
+            a Fetch for any other name not yet published is answered NOT_FOUND at once.
+            None: every name may still come (it is waited for).
     """
 
     rank: int
@@ -106,6 +118,14 @@ class ServedPeer:
     software_version: str = ""
     current_step: int = 0
     state_provider: StateProvider | None = field(default=None, repr=False)
+    name_patterns: tuple[re.Pattern[str], ...] | None = None
+    streams: dict[int, int] = field(default_factory=dict, repr=False)
+
+    def may_publish(self, name: str) -> bool:
+        """Whether ``name`` is (or may become) one of this peer's vectors."""
+        if self.name_patterns is None or name in self.store.retained_steps():
+            return True
+        return any(pattern.fullmatch(name) for pattern in self.name_patterns)
 
 
 async def _require(request: object, context: grpc.aio.ServicerContext) -> None:
@@ -120,7 +140,31 @@ class PeerServicer:
         self.peer = peer
 
     def _chunk_bytes(self, requested: int) -> int:
-        return min(requested, self.peer.chunk_bytes) if requested > 0 else self.peer.chunk_bytes
+        if requested <= 0:
+            return self.peer.chunk_bytes
+        return min(max(requested, MIN_CHUNK_BYTES), self.peer.chunk_bytes)
+
+    @contextlib.contextmanager
+    def _stream_slot(self, caller: int) -> Iterator[bool]:
+        """Count one stream of ``caller``; yields False when it holds too many already."""
+        streams = self.peer.streams
+        if streams.get(caller, 0) >= MAX_STREAMS_PER_CALLER:
+            yield False
+            return
+        streams[caller] = streams.get(caller, 0) + 1
+        try:
+            yield True
+        finally:
+            streams[caller] -= 1
+            if not streams[caller]:
+                del streams[caller]
+
+    async def _refuse_busy(self, caller: int, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"peer {caller} already holds {MAX_STREAMS_PER_CALLER} streams on peer "
+            f"{self.peer.rank}",
+        )
 
     async def rpc_fetch(
         self, request: pb.FetchRequest, context: grpc.aio.ServicerContext
@@ -145,6 +189,22 @@ class PeerServicer:
                 f"peer {caller} may not read {query.name!r} from peer {peer.rank}",
             )
             return
+        if not peer.may_publish(query.name):
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND, f"peer {peer.rank} never publishes {query.name!r}"
+            )
+            return
+        with self._stream_slot(caller) as admitted:
+            if not admitted:
+                await self._refuse_busy(caller, context)
+                return
+            async for message in self._serve_fetch(query, caller, context, started):
+                yield message
+
+    async def _serve_fetch(
+        self, query: Any, caller: int, context: grpc.aio.ServicerContext, started: float
+    ) -> AsyncIterator[bytes | pb.FetchResponse]:
+        peer = self.peer
         remaining = context.time_remaining()
         wait_seconds = peer.default_wait_seconds if remaining is None else remaining
         try:
@@ -193,6 +253,7 @@ class PeerServicer:
             chunk_count=chunk_count(length, chunk_bytes),
             chunk_bytes=chunk_bytes,
             checksum_kind=DEFAULT_CHECKSUM,
+            live_neighbors=version.live_neighbors,
             wire_dtype=encoding.dtype,
         )
         yield header_to_pb(header)
@@ -228,6 +289,14 @@ class PeerServicer:
         started = time.perf_counter()
         await _require(request, context)
         peer = self.peer
+        caller = caller_rank(context.invocation_metadata())
+        if caller is None or request.caller_rank != caller:
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"GetState caller_rank {request.caller_rank} does not match the metadata rank "
+                f"{caller}",
+            )
+            return
         provider = peer.state_provider
         if provider is None:
             await context.abort(
@@ -236,7 +305,26 @@ class PeerServicer:
                 "(the training loop must call set_state_provider first)",
             )
             return
-        step, state = await asyncio.to_thread(provider)
+        with self._stream_slot(caller) as admitted:
+            if not admitted:
+                await self._refuse_busy(caller, context)
+                return
+            try:
+                step, state = await asyncio.to_thread(provider)
+            except Exception as exc:  # the provider's failure must not take the peer down
+                logger.warning("GetState for peer %d failed: %s", caller, exc)
+                await context.abort(
+                    grpc.StatusCode.UNAVAILABLE, f"peer {peer.rank} has no state to give: {exc}"
+                )
+                return
+            async for message in self._serve_state(request, step, state):
+                yield message
+        peer.metrics.handled("GetState", time.perf_counter() - started)
+
+    async def _serve_state(
+        self, request: pb.GetStateRequest, step: int, state: Any
+    ) -> AsyncIterator[bytes | pb.GetStateResponse]:
+        peer = self.peer
         is_blob, entries, payload = await asyncio.to_thread(pack_state, state)
         chunk_bytes = self._chunk_bytes(request.max_chunk_bytes)
         header = StateHeader(
@@ -254,7 +342,6 @@ class PeerServicer:
         for piece in iter_chunks(payload, chunk_bytes):
             await peer.limiter.acquire(len(piece))
             yield encode_chunk(piece)
-        peer.metrics.handled("GetState", time.perf_counter() - started)
 
     def generic_handler(self) -> grpc.GenericRpcHandler:
         """Method handlers of the service (:func:`peer.transport.grpc.service.server_handler`)."""

@@ -149,6 +149,8 @@ class Version:
         host: contiguous CPU tensor holding the payload (pinned for CUDA sources).
         payload: byte view of ``host``; served in slices.
         ready: CUDA event marking the end of the device-to-host copy (None on CPU).
+        live_neighbors: in-neighbours the publisher mixes at this step (advertised in the
+            Fetch header), or None when it declares none.
         wire_dtype: encoding prepared eagerly when the version is retained (the peer's
             ``exchange.wire_dtype`` for float32 vectors, else ``dtype``); readers may ask for
             any other encoding :func:`encodable` allows, built on first request.
@@ -161,6 +163,8 @@ class Version:
     host: torch.Tensor
     payload: memoryview
     ready: torch.cuda.Event | None = None
+    live_neighbors: tuple[int, ...] | None = None
+    _checksum: asyncio.Future[int] | None = field(default=None, repr=False)
     wire_dtype: str = ""
     _encodings: dict[str, asyncio.Future[Encoding]] = field(default_factory=dict, repr=False)
 
@@ -259,7 +263,9 @@ def snapshot(
         host = own
     dtype = dtype_name(own.dtype)
     wire = wire_dtype_for(name, dtype, wire_dtype or dtype)
-    version = Version(name, step, dtype, tuple(own.shape), host, byte_view(host), ready, wire)
+    version = Version(
+        name, step, dtype, tuple(own.shape), host, byte_view(host), ready, wire_dtype=wire
+    )
     return own, version
 
 

@@ -200,6 +200,8 @@ class VersionHeader:
     chunk_count: int
     chunk_bytes: int
     checksum_kind: str = CRC32
+    # The sender's live in-neighbours at `step`; None when it declared none (older peers).
+    live_neighbors: tuple[int, ...] | None = None
     # Element type of the payload bytes; "" = ``dtype`` (no rounding on the wire).
     wire_dtype: str = ""
 
@@ -225,6 +227,8 @@ def header_to_pb(header: VersionHeader) -> pb.FetchResponse:
             range_length=header.range_length,
             chunk_count=header.chunk_count,
             chunk_bytes=header.chunk_bytes,
+            live_neighbors=list(header.live_neighbors or ()),
+            live_view_sent=header.live_neighbors is not None,
             # Left empty without rounding, so version-1 receivers see a plain version-1 header.
             wire_dtype="" if header.payload_dtype == header.dtype else header.payload_dtype,
         )
@@ -264,6 +268,7 @@ def decode_fetch_response(data: bytes) -> VersionHeader | memoryview | Malformed
         chunk_count=h.chunk_count,
         chunk_bytes=h.chunk_bytes,
         checksum_kind=CHECKSUM_NAMES[h.checksum_kind],
+        live_neighbors=tuple(h.live_neighbors) if h.live_view_sent else None,
         wire_dtype=h.wire_dtype,
     )
 

@@ -46,7 +46,7 @@ class FetchRequest(_message.Message):
     def __init__(self, caller_rank: _Optional[int] = ..., name: _Optional[str] = ..., step: _Optional[int] = ..., min_step: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., range_offset: _Optional[int] = ..., range_length: _Optional[int] = ..., wire_dtype: _Optional[str] = ...) -> None: ...
 
 class FetchHeader(_message.Message):
-    __slots__ = ("sender_rank", "step", "name", "dtype", "shape", "total_bytes", "checksum_kind", "checksum", "range_offset", "range_length", "chunk_count", "chunk_bytes", "wire_dtype")
+    __slots__ = ("sender_rank", "step", "name", "dtype", "shape", "total_bytes", "checksum_kind", "checksum", "range_offset", "range_length", "chunk_count", "chunk_bytes", "live_neighbors", "live_view_sent", "wire_dtype")
     SENDER_RANK_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -59,6 +59,8 @@ class FetchHeader(_message.Message):
     RANGE_LENGTH_FIELD_NUMBER: _ClassVar[int]
     CHUNK_COUNT_FIELD_NUMBER: _ClassVar[int]
     CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LIVE_NEIGHBORS_FIELD_NUMBER: _ClassVar[int]
+    LIVE_VIEW_SENT_FIELD_NUMBER: _ClassVar[int]
     WIRE_DTYPE_FIELD_NUMBER: _ClassVar[int]
     sender_rank: int
     step: int
@@ -72,8 +74,10 @@ class FetchHeader(_message.Message):
     range_length: int
     chunk_count: int
     chunk_bytes: int
+    live_neighbors: _containers.RepeatedScalarFieldContainer[int]
+    live_view_sent: bool
     wire_dtype: str
-    def __init__(self, sender_rank: _Optional[int] = ..., step: _Optional[int] = ..., name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., total_bytes: _Optional[int] = ..., checksum_kind: _Optional[_Union[ChecksumKind, str]] = ..., checksum: _Optional[int] = ..., range_offset: _Optional[int] = ..., range_length: _Optional[int] = ..., chunk_count: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., wire_dtype: _Optional[str] = ...) -> None: ...
+    def __init__(self, sender_rank: _Optional[int] = ..., step: _Optional[int] = ..., name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., total_bytes: _Optional[int] = ..., checksum_kind: _Optional[_Union[ChecksumKind, str]] = ..., checksum: _Optional[int] = ..., range_offset: _Optional[int] = ..., range_length: _Optional[int] = ..., chunk_count: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., live_neighbors: _Optional[_Iterable[int]] = ..., live_view_sent: _Optional[bool] = ..., wire_dtype: _Optional[str] = ...) -> None: ...
 
 class FetchResponse(_message.Message):
     __slots__ = ("header", "chunk")
