@@ -207,6 +207,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connect-seconds", type=float, default=30.0)
     parser.add_argument("--timeout", type=float, default=600.0)
     parser.add_argument("--no-pmsgd", action="store_true", help="skip the PmSGD contrast run")
+    parser.add_argument(
+        "--algorithm",
+        default="decentlam",
+        help="optimizer (DecentLaM assumes a symmetric W; on one-peer exponential use dmsgd)",
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/faults.json"))
     args = parser.parse_args(argv)
     os.environ.setdefault("DECENTLAM_TORCH_THREADS", "1")
@@ -214,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     for graph in args.graphs.split(","):
         for case in args.cases.split(","):
             print(f"running {graph} / {case} ...", file=sys.stderr, flush=True)
-            rows.append(run_case(args, graph, case))
+            rows.append(run_case(args, graph, case, algorithm=args.algorithm))
     if not args.no_pmsgd:
         print("running pmsgd / kill ...", file=sys.stderr, flush=True)
         rows.append(run_case(args, "ring", "pmsgd-kill", algorithm="pmsgd"))
