@@ -322,7 +322,7 @@ def large_batch_run(
         0 if batch == "full" or int(batch) // args.nodes >= shard else int(batch) // args.nodes
     )
     global_batch = train_size if per_peer == 0 else per_peer * args.nodes
-    steps = max(2, math.ceil(args.epochs * train_size / global_batch))
+    steps = max(args.min_steps, 2, math.ceil(args.epochs * train_size / global_batch))
     peak_lr = args.base_lr * global_batch / 256
     options = {
         "model": "mlp", "hidden": args.hidden, "split": args.split, "alpha": args.alpha,
@@ -357,6 +357,7 @@ def large_batch_run(
             float(peers[r]["consensus_distance"]) for r in range(args.nodes)
         ),
         "seconds": time.perf_counter() - started,
+        "finished_utc": f"{dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC",
     }
 
 
@@ -366,21 +367,26 @@ def large_batch_section(
     """Large-batch non-iid digits through real peers: the issue's main table."""
     methods = args.methods.split(",")
     batches = args.batch_sizes.split(",")
+    config = {k: getattr(args, k) for k in LARGE_BATCH_CONFIG}
+    stored = _reusable_runs(results_dir / "large_batch.json", config) if args.reuse else {}
     runs: list[dict[str, Any]] = []
     failures = []
+    reused = 0
     for batch in batches:
         for method in methods:
             for seed in range(args.seeds):
                 name = f"lb-{method}-{batch}-{seed}"
+                if (method, batch, seed) in stored:
+                    runs.append(stored[method, batch, seed])
+                    reused += 1
+                    continue
                 try:
                     runs.append(large_batch_run(args, method, batch, seed, work / name))
                     print(f"  {name}: {100 * runs[-1]['averaged_accuracy']:.1f}%", flush=True)
                 except SectionError as exc:
                     failures.append(f"{method}, batch {batch}, seed {seed}: {exc}")
                     print(f"  {name}: failed ({exc})", flush=True)
-    config = {k: getattr(args, k) for k in (
-        "nodes", "split", "alpha", "test_fraction", "hidden", "epochs", "base_lr",
-        "weight_decay", "seeds", "methods", "batch_sizes")}  # fmt: skip
+    config.update(seeds=args.seeds, methods=args.methods, batch_sizes=args.batch_sizes)
     payload = {"config": config, "runs": runs, "failures": failures}
     (results_dir / "large_batch.json").write_text(json.dumps(payload, indent=1))
     if not runs:
@@ -395,9 +401,16 @@ def large_batch_section(
         + f", MLP (2 hidden layers of {args.hidden}), {args.epochs:g} epochs for every batch "
         f"size, cosine schedule with 10% warmup, peak lr {args.base_lr} x global batch / 256, "
         f"momentum 0.9, weight decay {args.weight_decay}, {args.seeds} seed(s) (split, init, "
-        "minibatches). Test accuracy (%) of the averaged model, mean +- std over seeds; in "
-        "brackets the mean accuracy of the individual peers.",
+        f"minibatches); at least {args.min_steps} iterations (fewer, larger steps leave every "
+        "method under-trained, PmSGD included). Test accuracy (%) of the averaged model, "
+        "mean +- std over seeds; in brackets the mean accuracy of the individual peers "
+        "(each peer's accuracy is in the JSON).",
         "",
+        *(
+            [f"{reused} of the {len(runs)} runs were kept from an earlier run with the same "
+             "settings (`--reuse`); their timestamps are in the JSON.", ""]
+            if reused else []
+        ),
         "![large batch](results/large_batch.png)",
         "",
     ]  # fmt: skip
@@ -420,6 +433,35 @@ def large_batch_section(
     if failures:
         section.status = "partial"
         section.body += ["Failed runs:", "", *[f"- {f}" for f in failures], ""]
+
+
+LARGE_BATCH_CONFIG = (
+    "nodes", "split", "alpha", "test_fraction", "hidden", "epochs", "min_steps", "base_lr",
+    "weight_decay",
+)  # fmt: skip
+
+
+def _reusable_runs(
+    path: Path, config: dict[str, Any]
+) -> dict[tuple[str, str, int], dict[str, Any]]:
+    """Runs of an earlier large-batch JSON made with the same settings, by (method, batch, seed).
+
+    The settings that decide a run's outcome must all match, except ``min_steps`` (a file
+    without it counts as ``min_steps = 0``): a run is kept when the step count the current
+    settings give is the one it ran (the same floor, or a count set by the epochs alone).
+    """
+    if not path.exists():
+        return {}
+    previous = json.loads(path.read_text())
+    old = {"min_steps": 0, **previous.get("config", {})}
+    if any(old.get(k) != v for k, v in config.items() if k != "min_steps"):
+        return {}
+    old_floor, new_floor = old["min_steps"], config["min_steps"]
+    return {
+        (r["method"], r["batch"], r["seed"]): r
+        for r in previous.get("runs", [])
+        if old_floor == new_floor or (r["steps"] > old_floor and r["steps"] >= new_floor)
+    }
 
 
 def _large_batch_table(
@@ -540,7 +582,8 @@ def external_section(
         argv += ["--out", str(json_out)]
     if args.quick:
         argv += [a for group in spec.quick_args if group[0] in flags for a in group]
-    section.command = shlex.join(["python", *argv[1:]])
+    shown = [str(Path(a).relative_to(ROOT)) if a.startswith(f"{ROOT}/") else a for a in argv[1:]]
+    section.command = shlex.join(["python", *shown])
     try:
         completed = subprocess.run(
             argv, capture_output=True, text=True, timeout=args.script_timeout, cwd=ROOT,
@@ -671,6 +714,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-sizes", default=None, help="quick 256,512,full; full adds more")
     parser.add_argument("--seeds", type=int, default=None, help="quick 1, full 3")
     parser.add_argument("--epochs", type=float, default=None, help="default 30")
+    parser.add_argument("--min-steps", type=int, default=150, help="iterations at least")
+    parser.add_argument(
+        "--reuse", action="store_true", help="keep large-batch runs of the JSON with these settings"
+    )
     parser.add_argument("--split", default="label", choices=("label", "dirichlet", "iid"))
     parser.add_argument("--alpha", type=float, default=0.3, help="Dirichlet alpha (split)")
     parser.add_argument("--test-fraction", type=float, default=0.2)
@@ -678,7 +725,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--base-lr", type=float, default=0.1, help="peak lr at global batch 256")
     parser.add_argument("--weight-decay", type=float, default=1e-4)
     parser.add_argument("--cluster-timeout", type=float, default=CLUSTER_TIMEOUT_SECONDS)
-    parser.add_argument("--script-timeout", type=float, default=None, help="quick 300, full 3600")
+    parser.add_argument("--script-timeout", type=float, default=None, help="quick 900, full 3600")
     args = parser.parse_args(argv)
     quick = args.quick
     defaults = {
@@ -686,7 +733,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "batch_sizes": "256,512,full" if quick else "64,256,512,1024,full",
         "seeds": 1 if quick else 3,
         "epochs": 30.0,
-        "script_timeout": 300.0 if quick else 3600.0,
+        "script_timeout": 900.0 if quick else 3600.0,
     }
     for name, value in defaults.items():
         if getattr(args, name) is None:

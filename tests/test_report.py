@@ -123,3 +123,18 @@ def test_unknown_section_is_a_usage_error(capsys: pytest.CaptureFixture[str]) ->
         report.parse_args(["--sections", "bias,nope"])
     assert exit_info.value.code == 2
     assert "unknown section(s) nope" in capsys.readouterr().err
+
+
+def test_reuse_keeps_only_runs_the_current_settings_would_repeat(tmp_path: Path) -> None:
+    args = report.parse_args(["--quick", "--min-steps", "150"])
+    config = {k: getattr(args, k) for k in report.LARGE_BATCH_CONFIG}
+    earlier = {**config, "min_steps": 0}
+    runs = [
+        {"method": "dmsgd", "batch": "256", "seed": 0, "steps": 169},  # set by the epochs
+        {"method": "dmsgd", "batch": "full", "seed": 0, "steps": 30},  # now floored at 150
+    ]
+    path = tmp_path / "large_batch.json"
+    path.write_text(json.dumps({"config": earlier, "runs": runs}))
+    assert list(report._reusable_runs(path, config)) == [("dmsgd", "256", 0)]
+    path.write_text(json.dumps({"config": {**earlier, "hidden": 7}, "runs": runs}))
+    assert report._reusable_runs(path, config) == {}
