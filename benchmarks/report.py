@@ -17,7 +17,7 @@ Sections (each states the machine, the command, the date, the load and what fail
 default full mode runs everything the issue asks for (several hours on 2 cores).
 
     python benchmarks/report.py --quick
-    python benchmarks/report.py --quick --sections bias --nodes 3 --bias-steps 40  # smoke test
+    python benchmarks/report.py --quick --sections bias --bias-nodes 2 --bias-steps 20  # smoke
 """
 
 from __future__ import annotations
@@ -204,8 +204,6 @@ def _load_models(out_dir: Path, world_size: int) -> list[dict[str, Any]]:
 
 def bias_section(args: argparse.Namespace, results_dir: Path, work: Path, section: Section) -> None:
     """The bias figure through real peers next to the simulator's."""
-    import torch
-
     from launcher.cli import main as cli_main
     from topology.manifest import init_manifest
 
@@ -214,7 +212,7 @@ def bias_section(args: argparse.Namespace, results_dir: Path, work: Path, sectio
     options = {"dim": 10, "samples_per_node": 200, "heterogeneity": 1.0, "batch_size": 0}
     sim_dir = work / "bias-simulator"
     sim_argv = [
-        "simulate", "--problem", "linreg", "--nodes", str(args.nodes), "--graph", "ring",
+        "simulate", "--problem", "linreg", "--nodes", str(args.bias_nodes), "--graph", "ring",
         "--algorithms", ",".join(methods), "--steps", str(steps), "--lr", str(lr),
         "--seed", "0", "--out", str(sim_dir),
     ]  # fmt: skip
@@ -230,7 +228,7 @@ def bias_section(args: argparse.Namespace, results_dir: Path, work: Path, sectio
     failures = []
     for method in methods:
         manifest = init_manifest(
-            args.nodes, "ring", algorithm=method, task="linreg", task_options=dict(options),
+            args.bias_nodes, "ring", algorithm=method, task="linreg", task_options=dict(options),
             steps=steps, lr=lr, momentum=0.9, seed=0, dtype="float64", eval_every=every,
         )  # fmt: skip
         try:
@@ -238,20 +236,16 @@ def bias_section(args: argparse.Namespace, results_dir: Path, work: Path, sectio
         except SectionError as exc:
             failures.append(f"{method}: {exc}")
             continue
-        records = [peers[r]["history"] for r in range(args.nodes)]
+        records = [peers[r]["history"] for r in range(args.bias_nodes)]
         real[method] = {
             "steps": [rec["step"] for rec in records[0]],
             "error": [
-                sum(records[r][k]["eval_error"] for r in range(args.nodes))
+                sum(records[r][k]["eval_error"] for r in range(args.bias_nodes))
                 for k in range(len(records[0]))
             ],
         }
-        final = torch.stack(
-            [m["x"].reshape(-1) for m in _load_models(work / f"bias-{method}", args.nodes)]
-        )
-        real[method]["final_params"] = final.tolist()[0]
     payload = {
-        "config": {"nodes": args.nodes, "graph": "ring", "lr": lr, "momentum": 0.9,
+        "config": {"nodes": args.bias_nodes, "graph": "ring", "lr": lr, "momentum": 0.9,
                    "steps": steps, "eval_every": every, "task_options": options},
         "simulator": {r["algorithm"]: {"steps": r["steps"], "error": r["error"]}
                       for r in simulated},
@@ -261,7 +255,7 @@ def bias_section(args: argparse.Namespace, results_dir: Path, work: Path, sectio
     (results_dir / "bias.json").write_text(json.dumps(payload, indent=1))
     _plot_bias(payload, results_dir / "bias.png")
     section.body += [
-        f"Heterogeneous least squares, {args.nodes} peers on a ring, full-batch gradients, "
+        f"Heterogeneous least squares, {args.bias_nodes} peers on a ring, full-batch gradients, "
         f"lr {lr}, momentum 0.9, {steps} iterations. Left: real peer processes over loopback "
         "gRPC (the error is summed over the peers' own evaluations every "
         f"{every} iterations); right: the in-process simulator with the same problem.",
@@ -708,7 +702,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--page", type=Path, default=ROOT / "docs" / "RESULTS.md")
     parser.add_argument("--results-dir", type=Path, default=None, help="default: PAGE/../results")
     parser.add_argument("--nodes", type=int, default=8, help="peers per cluster")
-    parser.add_argument("--bias-steps", type=int, default=None, help="quick 1000, full 3000")
+    parser.add_argument("--bias-nodes", type=int, default=None, help="quick 4, full --nodes")
+    parser.add_argument("--bias-steps", type=int, default=None, help="quick 300, full 3000")
     parser.add_argument("--bias-methods", default=",".join(BIAS_METHODS))
     parser.add_argument("--methods", default=",".join(LARGE_BATCH_METHODS))
     parser.add_argument("--batch-sizes", default=None, help="quick 256,512,full; full adds more")
@@ -729,7 +724,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     quick = args.quick
     defaults = {
-        "bias_steps": 1000 if quick else 3000,
+        "bias_nodes": 4 if quick else args.nodes,
+        "bias_steps": 300 if quick else 3000,
         "batch_sizes": "256,512,full" if quick else "64,256,512,1024,full",
         "seeds": 1 if quick else 3,
         "epochs": 30.0,
@@ -741,8 +737,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     unknown = [s for s in args.sections.split(",") if s not in SECTIONS]
     if unknown:
         parser.error(f"unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
-    if args.nodes < 2:
-        parser.error("--nodes must be >= 2")
+    if min(args.nodes, args.bias_nodes) < 2:
+        parser.error("--nodes and --bias-nodes must be >= 2")
     args.command_line = shlex.join(["python", "benchmarks/report.py", *(argv or sys.argv[1:])])
     return args
 

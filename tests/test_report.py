@@ -36,7 +36,7 @@ report = load_report()
 @pytest.mark.timeout(240)  # two real peer processes: ~30 s idle, ~110 s at load average 30
 def test_quick_bias_section_writes_page_plot_and_json(tmp_path: Path) -> None:
     page = tmp_path / "docs" / "RESULTS.md"
-    argv = ["--quick", "--sections", "bias", "--nodes", "2", "--bias-methods", "dsgd",
+    argv = ["--quick", "--sections", "bias", "--bias-nodes", "2", "--bias-methods", "dsgd",
             "--bias-steps", "20", "--page", str(page)]  # fmt: skip
     assert report.main(argv) == 0
     text = page.read_text()
