@@ -702,8 +702,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--page", type=Path, default=ROOT / "docs" / "RESULTS.md")
     parser.add_argument("--results-dir", type=Path, default=None, help="default: PAGE/../results")
     parser.add_argument("--nodes", type=int, default=8, help="peers per cluster")
-    parser.add_argument("--bias-nodes", type=int, default=None, help="quick 4, full --nodes")
-    parser.add_argument("--bias-steps", type=int, default=None, help="quick 300, full 3000")
+    parser.add_argument("--bias-nodes", type=int, default=None, help="default --nodes")
+    parser.add_argument("--bias-steps", type=int, default=None, help="quick 1000, full 3000")
     parser.add_argument("--bias-methods", default=",".join(BIAS_METHODS))
     parser.add_argument("--methods", default=",".join(LARGE_BATCH_METHODS))
     parser.add_argument("--batch-sizes", default=None, help="quick 256,512,full; full adds more")
@@ -724,8 +724,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     quick = args.quick
     defaults = {
-        "bias_nodes": 4 if quick else args.nodes,
-        "bias_steps": 300 if quick else 3000,
+        "bias_nodes": args.nodes,
+        "bias_steps": 1000 if quick else 3000,
         "batch_sizes": "256,512,full" if quick else "64,256,512,1024,full",
         "seeds": 1 if quick else 3,
         "epochs": 30.0,
