@@ -99,7 +99,7 @@ EXTERNAL: dict[str, ExternalScript] = {
         "benchmarks/scaling.py",
         "5. Scaling on shaped links",
         "throughput as peers are added, over network namespaces with shaped links.",
-        quick_args=(("--quick",),),
+        quick_args=(("--quick",), ("--nodes", "2,4"), ("--rates", "100mbit"), ("--steps", "8")),
         needs="root and network namespaces (ip netns, tc)",
     ),
     "stragglers": ExternalScript(
@@ -112,7 +112,15 @@ EXTERNAL: dict[str, ExternalScript] = {
         "benchmarks/faults.py",
         "6b. Faults (failure detection, reweighting, rejoin)",
         "training through injected peer failures and rejoins.",
-        quick_args=(("--quick",),),
+        quick_args=(
+            ("--quick",),
+            ("--nodes", "4"),
+            ("--kill-ranks", "1", "3"),
+            ("--steps", "200"),
+            ("--graphs", "ring"),
+            ("--cases", "clean,kill"),
+            ("--stall-seconds", "5"),
+        ),
     ),
 }
 
@@ -574,6 +582,9 @@ def external_section(
         argv += ["--json-out", str(json_out)]
     elif "--out" in flags:
         argv += ["--out", str(json_out)]
+    plot = results_dir / f"{key}.png"
+    if "--plot" in flags:
+        argv += ["--plot", str(plot)]
     if args.quick:
         argv += [a for group in spec.quick_args if group[0] in flags for a in group]
     shown = [str(Path(a).relative_to(ROOT)) if a.startswith(f"{ROOT}/") else a for a in argv[1:]]
@@ -597,6 +608,8 @@ def external_section(
         section.body.append("")
     if output:
         section.body += ["Its output:", "", "```", *output[-60:], "```", ""]
+    if "--plot" in flags and plot.exists():
+        section.body += [f"![{key}](results/{plot.name})", ""]
     if json_out.exists():
         section.body.append(f"Raw data: [results/{json_out.name}](results/{json_out.name}).")
 
