@@ -138,3 +138,14 @@ def test_reuse_keeps_only_runs_the_current_settings_would_repeat(tmp_path: Path)
     assert list(report._reusable_runs(path, config)) == [("dmsgd", "256", 0)]
     path.write_text(json.dumps({"config": {**earlier, "hidden": 7}, "runs": runs}))
     assert report._reusable_runs(path, config) == {}
+
+
+def test_digits_task_label_split_is_the_simulators() -> None:
+    from peer.simulation.problems import split_digits
+    from peer.training.tasks import digits_task
+
+    split = split_digits(8, "label", 0.5, 0.2, 3)
+    for rank in (0, 5):
+        task = digits_task(rank, 8, split="label", seed=3, batch_size=0)
+        assert task.train_y.tolist() == split.train_y[split.shards[rank]].tolist()
+        assert len(set(task.train_y.tolist())) <= 2  # label-sorted shards: one or two classes
