@@ -589,15 +589,25 @@ def external_section(
         argv += [a for group in spec.quick_args if group[0] in flags for a in group]
     shown = [str(Path(a).relative_to(ROOT)) if a.startswith(f"{ROOT}/") else a for a in argv[1:]]
     section.command = shlex.join(["python", *shown])
-    try:
-        completed = subprocess.run(
-            argv, capture_output=True, text=True, timeout=args.script_timeout, cwd=ROOT,
-            env=_child_env(),
-        )  # fmt: skip
-    except subprocess.TimeoutExpired:
-        section.status = "failed"
-        section.body.append(f"The script overran its {args.script_timeout:.0f} s deadline.")
-        return
+    # SIGTERM first on a timeout (subprocess.run would SIGKILL): scripts that build network
+    # namespaces or clusters clean them up on SIGTERM.
+    with subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        env=_child_env(),
+    ) as process:  # fmt: skip
+        try:
+            stdout, stderr = process.communicate(timeout=args.script_timeout)
+        except subprocess.TimeoutExpired:
+            process.terminate()
+            try:
+                process.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.communicate()
+            section.status = "failed"
+            section.body.append(f"The script overran its {args.script_timeout:.0f} s deadline.")
+            return
+    completed = subprocess.CompletedProcess(argv, process.returncode, stdout, stderr)
     output = completed.stdout.strip().splitlines()
     if completed.returncode != 0:
         section.status = "failed"

@@ -8,6 +8,7 @@ verdict, the merge with an earlier page, and a benchmark script missing from the
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import sys
@@ -149,3 +150,36 @@ def test_digits_task_label_split_is_the_simulators() -> None:
         task = digits_task(rank, 8, split="label", seed=3, batch_size=0)
         assert task.train_y.tolist() == split.train_y[split.shards[rank]].tolist()
         assert len(set(task.train_y.tolist())) <= 2  # label-sorted shards: one or two classes
+
+
+FAKE_SCRIPT = """
+import argparse, json, sys, time
+parser = argparse.ArgumentParser()
+parser.add_argument("--out")
+parser.add_argument("--sleep", type=float, default=0.0)
+args = parser.parse_args()
+time.sleep(args.sleep)
+open(args.out, "w").write(json.dumps({"rows": [1]}))
+print("size  GB/s")
+print("1MB   0.5")
+"""
+
+
+def test_external_script_output_json_and_deadline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    script = tmp_path / "fake.py"
+    script.write_text(FAKE_SCRIPT)
+    fake = report.ExternalScript(str(script), "3. Fake", "a fake", quick_args=(("--sleep", "0"),))
+    monkeypatch.setitem(report.EXTERNAL, "exchange", fake)
+    args = report.parse_args(["--quick", "--script-timeout", "60"])
+    section = report.run_section("exchange", args, tmp_path, tmp_path)
+    assert section.status == "ok", section.body
+    assert "1MB   0.5" in section.body and json.loads((tmp_path / "exchange.json").read_text())
+    assert section.command.endswith("--sleep 0")
+    slow = dataclasses.replace(fake, quick_args=(("--sleep", "30"),))
+    monkeypatch.setitem(report.EXTERNAL, "exchange", slow)
+    args = report.parse_args(["--quick", "--script-timeout", "3"])
+    section = report.run_section("exchange", args, tmp_path, tmp_path)
+    assert section.status == "failed"
+    assert "The script overran its 3 s deadline." in section.body
