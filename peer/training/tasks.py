@@ -142,6 +142,7 @@ def digits_task(
     model: str = "mlp",
     hidden: int = 64,
     alpha: float | None = 0.5,
+    split: str | None = None,
     test_fraction: float = 0.2,
     seed: int = 0,
     dtype: str = "float32",
@@ -156,6 +157,9 @@ def digits_task(
         model: ``"mlp"`` or ``"cnn"``.
         hidden: MLP hidden width.
         alpha: Dirichlet concentration of the label skew; ``None`` for an iid split.
+        split: ``"dirichlet"``, ``"label"`` (sorted by label, contiguous shards: each peer
+            sees one or two classes) or ``"iid"``; default: Dirichlet, or iid when ``alpha``
+            is ``None``.
         test_fraction: held-out share of the data.
         seed: data split, model init and batch sampling seed.
         dtype: parameter dtype.
@@ -168,9 +172,9 @@ def digits_task(
     _warn_unused("digits", unused)
     # The simulator's DigitsProblem splits with the same function: same shards for the same
     # arguments.
-    data = split_digits(
-        world_size, "iid" if alpha is None else "dirichlet", alpha or 0.5, test_fraction, seed
-    )
+    if split is None:
+        split = "iid" if alpha is None else "dirichlet"
+    data = split_digits(world_size, split, alpha or 0.5, test_fraction, seed)
     mine = data.shards[rank]
     torch_dtype = getattr(torch, dtype)
     torch.manual_seed(seed)
