@@ -19,7 +19,8 @@ import yaml
 from launcher.cluster import free_ports
 from topology.manifest import init_manifest
 
-pytestmark = pytest.mark.slow
+# Start-up of two torch processes takes tens of seconds on a loaded 2-core machine.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -67,7 +68,7 @@ def wait_all(processes: list[subprocess.Popen[bytes]], timeout: float) -> None:
 def test_rendezvous_deadline_is_a_one_line_error(tmp_path: Path) -> None:
     processes, out = start_pair(tmp_path, connect_deadline=4.0)
     try:
-        wait_all(processes, 90)
+        wait_all(processes, 200)
     finally:
         for p in processes:
             p.kill()
@@ -80,9 +81,9 @@ def test_rendezvous_deadline_is_a_one_line_error(tmp_path: Path) -> None:
 
 
 def test_sigterm_during_rendezvous_stops_at_once(tmp_path: Path) -> None:
-    processes, out = start_pair(tmp_path, connect_deadline=60.0)
+    processes, out = start_pair(tmp_path, connect_deadline=120.0)
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 150
         while not all("waiting for the gloo rendezvous" in log(out, r) for r in range(2)):
             assert time.monotonic() < deadline, log(out, 0) + log(out, 1)
             assert all(p.poll() is None for p in processes), log(out, 0) + log(out, 1)
@@ -90,8 +91,10 @@ def test_sigterm_during_rendezvous_stops_at_once(tmp_path: Path) -> None:
         stopped_at = time.monotonic()
         for p in processes:
             p.send_signal(signal.SIGTERM)
-        wait_all(processes, 30)
-        assert time.monotonic() - stopped_at < 10
+        wait_all(processes, 60)
+        # "At once": within the rendezvous poll plus exit, not at the 120 s deadline (a few
+        # seconds on an idle machine; up to ~20 s seen at load 40 on 2 cores).
+        assert time.monotonic() - stopped_at < 40
     finally:
         for p in processes:
             p.kill()
