@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from peer import __version__
+from peer.algorithms.rules import make_rule
 from peer.errors import ExchangeError
 from peer.faults import FaultInjector
 from peer.rejoin import Rejoiner, StepBoundaryState, process_start_time
@@ -298,10 +299,11 @@ def run_peer(options: PeerOptions) -> TrainResult:
     training = manifest.training
     staleness = resolve_staleness(manifest, options.max_staleness)
     if staleness > 0 and training.algorithm == "decentlam":
-        logger.warning(
-            "DecentLaM with max_staleness=%d is unstable in our measurements (stale positions "
-            "feed its momentum term); prefer dmsgd or dsgd for asynchronous runs",
+        # Staleness-aware DecentLaM (docs/async-decentlam.md): stable, but slower per step.
+        logger.info(
+            "DecentLaM with max_staleness=%d uses the staleness-aware coefficients %s",
             staleness,
+            make_rule("decentlam", training.momentum, max_staleness=staleness),
         )
     out_dir = Path(options.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

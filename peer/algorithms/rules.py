@@ -24,7 +24,12 @@ replaces the partial average by the global average of the same outgoing vectors 
 ``H = 1`` every decentralized method becomes its centralized counterpart).
 :func:`uses_global_average` implements that convention for both drivers.
 
-This module imports only torch and does no I/O.
+Bounded staleness (``max_staleness = T > 0``): a rule may ask the driver to mix stale
+neighbour vectors with their exact weights (:attr:`UpdateRule.damps_stale_weights` False) and
+adapt its coefficients to ``T``; DecentLaM does both (:mod:`peer.algorithms.stability`).
+
+This module imports only torch (and numpy through :mod:`peer.algorithms.stability`) and does no
+I/O.
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ import logging
 from typing import Any, ClassVar
 
 import torch
+
+from peer.algorithms.stability import stable_coefficients
 
 logger = logging.getLogger(__name__)
 
@@ -56,11 +63,15 @@ class UpdateRule(abc.ABC):
         name: registry name (see :data:`ALGORITHMS`).
         communication: ``"partial"`` (neighbour averaging) or ``"global"`` (all-reduce).
         state_names: names of the per-parameter state buffers (all zero-initialised).
+        damps_stale_weights: with ``max_staleness > 0``, whether stale neighbour vectors are
+            mixed with damped weights (``w_ij / (1 + tau)``, the transports' default) rather
+            than their exact ``w_ij``.
     """
 
     name: ClassVar[str]
     communication: ClassVar[str] = "partial"
     state_names: ClassVar[tuple[str, ...]] = ()
+    damps_stale_weights: ClassVar[bool] = True
 
     def init_state(self, x: torch.Tensor) -> State:
         """Fresh state buffers for parameters shaped like ``x``.
@@ -180,14 +191,34 @@ class DmSGDRule(_MomentumRule):
 
 
 class DecentLaMRule(_MomentumRule):
-    """DecentLaM (Algorithm 2).
+    """DecentLaM (Algorithm 2), staleness-aware.
 
     ``psi_j = x_j - gamma g_j`` is sent; ``gt_i = (x_i - sum_j w_ij psi_j) / gamma``;
     ``m_i <- beta m_i + gt_i``; ``x_i <- x_i - gamma m_i`` -- with the current ``gamma_k``
     everywhere.
+
+    With a staleness bound ``T > 0`` the update is ``m_i <- beta' m_i + alpha gt_i`` with
+    ``(alpha, beta') = stable_coefficients(beta, T)`` (docs/async-decentlam.md): the fixed point
+    ``x = W psi`` is unchanged, so there is still no momentum-incurred bias, and stale vectors
+    must keep their exact weights (damping them would make ``W`` asymmetric and bias the fixed
+    point), hence :attr:`damps_stale_weights` is False. ``T = 0`` runs the synchronous code.
+
+    Args:
+        momentum: ``beta``.
+        max_staleness: ``T``, the staleness bound of the run.
     """
 
     name = "decentlam"
+    damps_stale_weights: ClassVar[bool] = False
+
+    def __init__(self, momentum: float = DEFAULT_MOMENTUM, max_staleness: int = 0) -> None:
+        super().__init__(momentum)
+        if max_staleness < 0:
+            raise ValueError(f"max_staleness must be >= 0, got {max_staleness}")
+        self.max_staleness = int(max_staleness)
+        self.gradient_scale, self.effective_momentum = stable_coefficients(
+            self.momentum, self.max_staleness
+        )
 
     def outgoing(self, x: Tensor, g: Tensor, state: State, lr: float, step: int) -> Tensor:
         return x - lr * g
@@ -198,8 +229,21 @@ class DecentLaMRule(_MomentumRule):
         _require_positive(lr, self.name)
         corrected_gradient = (x - mixed) / lr
         momentum = state["momentum"]
-        momentum.mul_(self.momentum).add_(corrected_gradient)
+        if self.max_staleness == 0:
+            momentum.mul_(self.momentum).add_(corrected_gradient)
+        else:
+            momentum.mul_(self.effective_momentum).add_(
+                corrected_gradient, alpha=self.gradient_scale
+            )
         x.sub_(lr * momentum)
+
+    def __repr__(self) -> str:
+        if self.max_staleness == 0:
+            return super().__repr__()
+        return (
+            f"DecentLaMRule(momentum={self.momentum}, max_staleness={self.max_staleness}: "
+            f"alpha={self.gradient_scale:.4g}, beta'={self.effective_momentum:.2f})"
+        )
 
 
 class AWCDmSGDRule(_MomentumRule):
@@ -278,12 +322,16 @@ _RULES: dict[str, type[UpdateRule]] = {
 ALGORITHMS: tuple[str, ...] = tuple(_RULES)
 
 
-def make_rule(name: str, momentum: float = DEFAULT_MOMENTUM) -> UpdateRule:
+def make_rule(
+    name: str, momentum: float = DEFAULT_MOMENTUM, *, max_staleness: int = 0
+) -> UpdateRule:
     """Build a method's update rule from its registry name.
 
     Args:
         name: one of :data:`ALGORITHMS` (case-insensitive; ``_`` accepted for ``-``).
         momentum: ``beta`` (``mu`` for QG-DmSGD); ignored by DSGD and DGD.
+        max_staleness: the run's staleness bound ``T`` (DecentLaM adapts to it; the other
+            rules do not depend on it).
 
     Returns:
         The :class:`UpdateRule`.
@@ -294,6 +342,10 @@ def make_rule(name: str, momentum: float = DEFAULT_MOMENTUM) -> UpdateRule:
     key = name.strip().lower().replace("_", "-")
     if key not in _RULES:
         raise ValueError(f"unknown algorithm {name!r}; choose one of: {', '.join(ALGORITHMS)}")
+    if max_staleness < 0:
+        raise ValueError(f"max_staleness must be >= 0, got {max_staleness}")
+    if _RULES[key] is DecentLaMRule:
+        return DecentLaMRule(momentum=momentum, max_staleness=max_staleness)
     rule_class: Any = _RULES[key]  # every concrete rule takes momentum=
     return rule_class(momentum=momentum)
 

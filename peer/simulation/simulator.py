@@ -12,12 +12,22 @@ with no Python loop over nodes. ``W`` is either a plain ``[n, n]`` array/tensor 
 object with ``mixing_matrix(k)`` (``topology.Topology`` or a test double). Along the way it
 records the error ``sum_i ||x_i - x*||^2`` (when ``x*`` is known), the consensus distance
 ``(1/n) sum_i ||x_i - xbar||^2`` and the global loss at the averaged model.
+
+**Delay model** (bounded staleness ``max_staleness = T > 0``, :class:`DelayModel`): peer ``i``
+needs ``compute_time[i]`` time units per step and a published vector reaches a neighbour
+``latency`` units later. Peer ``i`` publishes its step-``k`` message when its compute ends, then
+mixes, for every in-neighbour ``j``, the freshest version of step ``[k - T, k]`` that has arrived,
+waiting only when none has -- the real transports' semantics, made deterministic. Mixing
+becomes ``mixed_i = sum_j w_ij out_j^{s_ij}`` over the retained messages of the last ``T + 1``
+steps (damped weights when the rule asks for them). ``T = 0`` keeps the one matrix product.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +54,9 @@ class SimulationResult:
         metrics: the problem's final metrics (e.g. test accuracy).
         params: final stacked parameters ``[n, d]``.
         diverged: the run stopped early on a non-finite value.
+        time: simulated wall-clock time (delay model units) at which every peer had finished
+            each recorded step (``steps`` itself without a delay model).
+        max_staleness_seen: the largest staleness of a mixed neighbour vector.
     """
 
     algorithm: str
@@ -54,6 +67,8 @@ class SimulationResult:
     metrics: dict[str, float] = field(default_factory=dict)
     params: torch.Tensor | None = None
     diverged: bool = False
+    time: list[float] = field(default_factory=list)
+    max_staleness_seen: int = 0
 
     @property
     def final_error(self) -> float | None:
@@ -120,6 +135,65 @@ class _MixingMatrices:
         return self._cache[key]
 
 
+class DelayModel:
+    """Deterministic timing of asynchronous peers: which neighbour step each peer mixes.
+
+    Args:
+        compute_time: time units per step of each peer (e.g. ``[2, 1, 1, ...]``: peer 0 is
+            twice as slow).
+        max_staleness: ``T``; a neighbour's version of step ``k - T`` or later is required.
+        latency: time from a publish to the vector being available to a neighbour.
+    """
+
+    def __init__(self, compute_time: Sequence[float], max_staleness: int, latency: float = 0.0):
+        times = [float(t) for t in compute_time]
+        if not times or min(times) <= 0 or latency < 0 or max_staleness < 0:
+            raise ValueError("need compute times > 0, latency >= 0 and max_staleness >= 0")
+        self.compute_time = np.array(times)
+        self.max_staleness = int(max_staleness)
+        self.latency = float(latency)
+        self.n = len(times)
+        self._start = np.zeros(self.n)
+        # Arrival times of the last T + 1 steps' messages, newest last: [step, peer].
+        self._arrivals: deque[np.ndarray] = deque(maxlen=self.max_staleness + 1)
+        self.finished = 0.0
+
+    def advance(self, k: int, mixing: torch.Tensor, barrier: bool = False) -> np.ndarray:
+        """Time step ``k`` on every peer and return the lags ``[n, n]`` (``k - s_ij``).
+
+        Args:
+            k: the iteration (called once per iteration, in order).
+            mixing: ``W(k)``; ``w_ij > 0`` marks ``j`` as an in-neighbour of ``i``.
+            barrier: a global-average step (every peer waits for every peer's step ``k``).
+
+        Returns:
+            ``lag[i, j]``: steps by which the version of ``j`` mixed by ``i`` is late (0 on the
+            diagonal and for non-neighbours).
+        """
+        published = self._start + self.compute_time
+        self._arrivals.append(published + self.latency)
+        lag = np.zeros((self.n, self.n), dtype=np.int64)
+        ready = published.copy()
+        if barrier:
+            ready[:] = max(published.max(), (published + self.latency).max())
+        else:
+            arrivals = np.stack(self._arrivals)  # [versions, n]: row -1 is step k
+            oldest = len(arrivals) - 1  # row of step max(k - T, 0)
+            neighbours = mixing.numpy() > 0
+            np.fill_diagonal(neighbours, False)
+            # arrived[v, i, j]: version v of j is at i when i has published its own step k.
+            arrived = arrivals[:, None, :] <= published[None, :, None]
+            newest = oldest - np.argmax(arrived[::-1], axis=0)  # newest arrived row, if any
+            waits = neighbours & ~arrived[0]  # not even step k - T there: wait for it
+            lag = np.where(neighbours & ~waits, oldest - newest, 0)
+            lag = np.where(waits, oldest, lag)
+            wait_until = np.where(waits, arrivals[0][None, :], -np.inf).max(axis=1)
+            ready = np.maximum(ready, wait_until)
+        self._start = ready
+        self.finished = float(ready.max())
+        return lag
+
+
 class Simulator:
     """Runs one update rule on all ``n`` nodes of a problem, stacked and vectorised.
 
@@ -137,6 +211,11 @@ class Simulator:
         dtype: ``torch.float64`` or ``torch.float32``.
         seed: minibatch sampling seed.
         x0: starting point ``[d]`` (or ``[n, d]``); default ``problem.initial_point``.
+        max_staleness: ``T``; with ``T > 0`` the :class:`DelayModel` decides which neighbour
+            step each peer mixes (a named ``rule`` is built for ``T``, see
+            :func:`peer.algorithms.rules.make_rule`).
+        compute_time: per-peer time units per step (default all 1).
+        latency: delay model link latency in time units.
     """
 
     def __init__(
@@ -153,8 +232,14 @@ class Simulator:
         dtype: torch.dtype = torch.float64,
         seed: int = 0,
         x0: torch.Tensor | None = None,
+        max_staleness: int = 0,
+        compute_time: Sequence[float] | None = None,
+        latency: float = 0.0,
     ) -> None:
-        self.rule = make_rule(rule, momentum) if isinstance(rule, str) else rule
+        if isinstance(rule, str):
+            self.rule = make_rule(rule, momentum, max_staleness=max_staleness)
+        else:
+            self.rule = rule
         self.problem = problem
         self.n = int(problem.n)
         self.schedule = schedule if schedule is not None else ConstantSchedule(lr)
@@ -170,6 +255,15 @@ class Simulator:
         self.step_count = 0
         x_star = getattr(problem, "x_star", None)
         self._x_star = None if x_star is None else x_star.to(torch.float64)
+        self.max_staleness = int(max_staleness)
+        self.delays: DelayModel | None = None
+        if max_staleness > 0 or compute_time is not None or latency:
+            times = [1.0] * self.n if compute_time is None else list(compute_time)
+            if len(times) != self.n:
+                raise ValueError(f"compute_time has {len(times)} entries for {self.n} peers")
+            self.delays = DelayModel(times, max_staleness, latency)
+        self._history: deque[torch.Tensor] = deque(maxlen=self.max_staleness + 1)
+        self.max_staleness_seen = 0
 
     def step(self) -> None:
         """Run one iteration on every node."""
@@ -180,12 +274,39 @@ class Simulator:
         if self.weight_decay:
             G = G + self.weight_decay * X
         out = self.rule.outgoing(X, G, self.state, lr, k)
-        if uses_global_average(self.rule, k, self.global_average_every):
+        global_step = uses_global_average(self.rule, k, self.global_average_every)
+        lag = None
+        if self.delays is not None:
+            lag = self.delays.advance(k, self.mixing.at(k), barrier=global_step)
+        if global_step:
             mixed = out.mean(dim=0, keepdim=True).expand_as(out)
-        else:
+        elif self.max_staleness == 0:
             mixed = self.mixing.at(k) @ out
+        else:
+            assert lag is not None
+            self._history.append(out)
+            mixed = self._stale_mix(self.mixing.at(k), lag)
         self.rule.apply(X, G, self.state, lr, mixed, k)
         self.step_count += 1
+
+    def _stale_mix(self, W: torch.Tensor, lag: np.ndarray) -> torch.Tensor:
+        """``mixed_i = sum_j w_ij out_j^{k - lag_ij}`` (damped weights if the rule asks)."""
+        lags = torch.from_numpy(lag)
+        self.max_staleness_seen = max(self.max_staleness_seen, int(lags.max()))
+        weights = W.clone()
+        if self.rule.damps_stale_weights:
+            off_diagonal = ~torch.eye(self.n, dtype=torch.bool)
+            damped = torch.where(off_diagonal, W / (1 + lags).to(W.dtype), W)
+            moved = (W - damped).sum(dim=1)
+            weights = damped + torch.diag(moved)
+        mixed = torch.zeros_like(self._history[-1])
+        for tau in range(len(self._history)):
+            mask = lags == tau
+            if tau == 0:
+                mask |= torch.eye(self.n, dtype=torch.bool)
+            if mask.any():
+                mixed += torch.where(mask, weights, 0.0) @ self._history[-1 - tau]
+        return mixed
 
     def error(self) -> float | None:
         """``sum_i ||x_i - x*||^2`` in float64 (``None`` when ``x*`` is unknown)."""
@@ -203,6 +324,7 @@ class Simulator:
         loss = float(self.problem.loss(self.params))
         consensus = self.consensus_distance()
         result.steps.append(self.step_count)
+        result.time.append(self.delays.finished if self.delays else float(self.step_count))
         if error is not None:
             result.error.append(error)
         result.consensus.append(consensus)
@@ -234,4 +356,5 @@ class Simulator:
         else:
             result.metrics = {k: float(v) for k, v in self.problem.metrics(self.params).items()}
         result.params = self.params.clone()
+        result.max_staleness_seen = self.max_staleness_seen
         return result

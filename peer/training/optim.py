@@ -124,7 +124,7 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
             for key in defaults:
                 if group[key] != self.param_groups[0][key]:
                     raise ValueError(f"all parameter groups must share {key!r}")
-        self.rule: UpdateRule = make_rule(algorithm, momentum)
+        self.rule: UpdateRule = make_rule(algorithm, momentum, max_staleness=max_staleness)
         self.communicator = communicator
         self.schedule = schedule
         self.global_average_every = int(global_average_every)
@@ -245,7 +245,12 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
             handle = self.communicator.global_average_async(bucket.name, msg, k, copy=False)
         else:
             handle = self.communicator.neighbor_average_async(
-                bucket.name, msg, k, max_staleness=self.max_staleness, copy=False
+                bucket.name,
+                msg,
+                k,
+                max_staleness=self.max_staleness,
+                copy=False,
+                damp_stale=self.rule.damps_stale_weights,
             )
         self._in_flight[b] = _InFlight(handle, g, lr)
 

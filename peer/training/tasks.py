@@ -22,6 +22,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import logging
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -456,8 +457,31 @@ TASKS.register("digits", digits_task)
 TASKS.register("synthetic-image", synthetic_image_task)
 
 
+class SlowedTask:
+    """A task whose every step takes ``delay_seconds`` longer on this peer (a straggler).
+
+    The sleep happens in :meth:`loss`, i.e. as part of the step's compute, once per step: the
+    deterministic delay fault of the straggler benchmark (benchmarks/stragglers.py).
+    """
+
+    def __init__(self, task: Any, delay_seconds: float) -> None:
+        self._task = task
+        self.delay_seconds = float(delay_seconds)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._task, name)
+
+    def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        time.sleep(self.delay_seconds)
+        return self._task.loss(model, batch)
+
+
 def build_task(name: str, rank: int, world_size: int, options: Mapping[str, Any]) -> Any:
     """Build a task and check it has the attributes the trainer needs.
+
+    Two options are the trainer's, for every task: ``step_delay_seconds`` (default 0) and
+    ``slow_ranks`` (default ``[0]``) make the listed peers sleep that long per step
+    (:class:`SlowedTask`).
 
     Args:
         name: built-in name or ``package.module:factory``.
@@ -469,7 +493,14 @@ def build_task(name: str, rank: int, world_size: int, options: Mapping[str, Any]
         The task object.
     """
     factory = TASKS.resolve(name)
-    task = factory(rank, world_size, **dict(options))
+    options = dict(options)
+    delay_seconds = float(options.pop("step_delay_seconds", 0.0))
+    slow_ranks = [int(r) for r in options.pop("slow_ranks", [0])]
+    if delay_seconds < 0:
+        raise ValueError(f"step_delay_seconds must be >= 0, got {delay_seconds}")
+    task = factory(rank, world_size, **options)
+    if delay_seconds > 0 and rank in slow_ranks:
+        task = SlowedTask(task, delay_seconds)
     missing = [
         attr for attr in ("model", "train_batches", "loss", "evaluate") if not hasattr(task, attr)
     ]

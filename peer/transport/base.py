@@ -220,6 +220,7 @@ class Communicator(abc.ABC):
         *,
         max_staleness: int = 0,
         copy: bool = True,
+        damp_stale: bool = True,
     ) -> Handle:
         """Publish ``tensor`` as ``(name, step)`` and start mixing it with the in-neighbours'.
 
@@ -233,6 +234,9 @@ class Communicator(abc.ABC):
             copy: ``False`` hands ``tensor`` over instead of snapshotting it: the caller
                 promises never to modify it again (the optimizer's fresh messages), which saves
                 one copy of the vector per exchange.
+            damp_stale: mix a stale neighbour vector with weight ``w_ij / (1 + tau)``
+                (:func:`damp_stale_weights`); ``False`` keeps the exact ``w_ij`` (DecentLaM's
+                staleness-aware rule, whose fixed point needs the symmetric ``W``).
 
         Returns:
             A :class:`Handle` whose ``wait()`` gives ``w_ii * tensor + sum_j w_ij * x_j``.

@@ -196,6 +196,7 @@ class TorchDistributedCommunicator(Communicator):
         *,
         max_staleness: int = 0,
         copy: bool = True,
+        damp_stale: bool = True,
     ) -> Handle:
         raise NotImplementedError(
             "torch.distributed transport only averages globally (pmsgd); use the gRPC "

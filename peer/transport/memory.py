@@ -83,8 +83,10 @@ class _InMemoryHandle(Handle):
         deadline_seconds: float,
         delay_for: Callable[[int], float],
         rank: int,
+        damp_stale: bool = True,
     ) -> None:
         self._rank = rank
+        self._damp_stale = damp_stale
         self._board = board
         self._name = name
         self._own = own
@@ -135,9 +137,11 @@ class _InMemoryHandle(Handle):
                 wake = min(wake, ready_at)
             missing.append(src)
         if not missing:
-            self_weight, weights = damp_stale_weights(
-                self._self_weight, self._weights, self.stats.used_steps, self._step
-            )
+            self_weight, weights = self._self_weight, self._weights
+            if self._damp_stale:
+                self_weight, weights = damp_stale_weights(
+                    self_weight, weights, self.stats.used_steps, self._step
+                )
             self._result = weighted_sum(self._own, self_weight, self._received, weights, self._rank)
             return None
         if now >= self._deadline:
@@ -260,6 +264,7 @@ class InMemoryCommunicator(Communicator):
         *,
         max_staleness: int = 0,
         copy: bool = True,
+        damp_stale: bool = True,
     ) -> Handle:
         weight, weights = self._mixing_weights(step, self_weight, src_weights, max_staleness)
         own = tensor.detach().clone() if copy else tensor.detach()
@@ -277,6 +282,7 @@ class InMemoryCommunicator(Communicator):
             self.fabric.deadline_seconds,
             lambda src: self._delay(src, own.numel() * own.element_size()),
             self.rank,
+            damp_stale,
         )
 
     def publish(self, name: str, tensor: torch.Tensor, step: int) -> torch.Tensor | None:

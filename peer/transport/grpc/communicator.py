@@ -117,6 +117,8 @@ class GrpcHandle(Handle):
         self._result: torch.Tensor | None = None
         self._lock = threading.Lock()
         self.stats = ExchangeStats()
+        # Stale vectors mixed with damped weights (False: exact weights, see Communicator).
+        self.damp_stale = True
 
     def done(self) -> bool:
         return self._future.done()
@@ -169,9 +171,10 @@ class GrpcHandle(Handle):
             others = {
                 j: r.tensor.to(self._own.device, non_blocking=True) for j, r in received.items()
             }
-            self_weight, weights = damp_stale_weights(
-                base_self, base, {j: r.step for j, r in received.items()}, self._step
-            )
+            self_weight, weights = base_self, base
+            if self.damp_stale:
+                used = {j: r.step for j, r in received.items()}
+                self_weight, weights = damp_stale_weights(self_weight, weights, used, self._step)
             self._result = weighted_sum(self._own, self_weight, others, weights, self._comm.rank)
             for j, r in received.items():
                 if j not in weights:
@@ -377,14 +380,18 @@ class GrpcCommunicator(Communicator):
         *,
         max_staleness: int = 0,
         copy: bool = True,
+        damp_stale: bool = True,
     ) -> Handle:
         if self._closed:
             raise RuntimeError("communicator is closed")
         weight, weights = self._mixing_weights(step, self_weight, src_weights, max_staleness)
         if self.membership is not None:
-            return self._live_average(
+            live = self._live_average(
                 name, tensor, step, weight, weights, src_weights is None, max_staleness, copy
             )
+            if isinstance(live, GrpcHandle):
+                live.damp_stale = damp_stale
+            return live
         own = self.publish(name, tensor, step, copy=copy)
         if not weights:
             return CompletedHandle(own.mul(weight))
@@ -395,7 +402,11 @@ class GrpcCommunicator(Communicator):
                 name, step, step - max_staleness, own, sorted(weights), deadline_seconds, pending
             )
         )
-        return GrpcHandle(self, name, step, own, weight, weights, deadline_seconds, future, pending)
+        handle = GrpcHandle(
+            self, name, step, own, weight, weights, deadline_seconds, future, pending
+        )
+        handle.damp_stale = damp_stale
+        return handle
 
     def _live_average(
         self,

@@ -1,0 +1,125 @@
+"""Staleness-aware DecentLaM: the stability condition (pure numpy), the simulator's delay model,
+and convergence with a slow peer in-process (docs/async-decentlam.md)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from peer.algorithms.rules import DecentLaMRule, make_rule
+from peer.algorithms.stability import (
+    characteristic_polynomial,
+    companion_matrix,
+    stability_delay,
+    stable_coefficients,
+    worst_spectral_radius,
+)
+from peer.simulation.problems import LinearRegressionProblem
+from peer.simulation.simulator import DelayModel, Simulator
+from topology import make_topology
+
+SLOW_2X = [2.0] + [1.0] * 7
+
+
+def recursion_matrix(alpha: float, beta: float, w0: float, a: float, tau: int) -> np.ndarray:
+    """State-space matrix of the delayed scalar recursion, written from the update itself:
+    state (x^k, ..., x^{k-tau}, gamma m^{k-1}); mixed = w0 x^k + a x^{k-tau};
+    gamma m^k = beta gamma m^{k-1} + alpha (x^k - mixed); x^{k+1} = x^k - gamma m^k."""
+    size = tau + 2
+    matrix = np.zeros((size, size))
+    for column in range(size):
+        state = np.zeros(size)
+        state[column] = 1.0
+        x, x_old, m = state[0], state[tau], state[tau + 1]
+        m_new = beta * m + alpha * (x - (w0 * x + a * x_old))
+        matrix[:, column] = [x - m_new, *state[:tau], m_new]
+    return matrix
+
+
+@pytest.mark.parametrize("tau", [0, 1, 2, 4])
+@pytest.mark.parametrize(("alpha", "beta", "a"), [(1.0, 0.9, -2 / 3), (0.5, 0.55, 0.3)])
+def test_characteristic_polynomial_matches_the_recursion(
+    tau: int, alpha: float, beta: float, a: float
+) -> None:
+    w0 = 1 / 3
+    poly = characteristic_polynomial(alpha, beta, w0, a, tau)
+    from_roots = np.sort_complex(np.roots(poly))
+    from_companion = np.sort_complex(np.linalg.eigvals(companion_matrix(poly)))
+    np.testing.assert_allclose(from_roots, from_companion, atol=1e-9)
+    recursion = np.abs(np.linalg.eigvals(recursion_matrix(alpha, beta, w0, a, tau))).max()
+    assert np.abs(from_roots).max() == pytest.approx(recursion, abs=1e-9)
+
+
+def test_plain_decentlam_is_unstable_with_one_step_of_staleness() -> None:
+    # Metropolis ring: w0 = 1/3, worst neighbour mode a = -2/3; beta = 0.9, tau = 1.
+    ring_worst = np.abs(np.roots(characteristic_polynomial(1.0, 0.9, 1 / 3, -2 / 3, 1))).max()
+    assert ring_worst > 1.2
+    assert worst_spectral_radius(1.0, 0.9, 0) < 1.0  # synchronous: stable
+    assert worst_spectral_radius(1.0, 0.9, 1) > 1.0
+
+
+@pytest.mark.parametrize("bound", [1, 2, 3, 4, 8])
+def test_stable_coefficients_satisfy_the_condition(bound: int) -> None:
+    alpha, beta = stable_coefficients(0.9, bound)
+    assert 0.0 < alpha <= 1.0 and 0.0 <= beta <= 0.9
+    assert worst_spectral_radius(alpha, beta, stability_delay(bound)) < 1.0
+    assert stable_coefficients(0.9, 0) == (1.0, 0.9)
+
+
+def test_rule_at_zero_staleness_is_decentlam_bit_for_bit() -> None:
+    gen = torch.Generator().manual_seed(0)
+    x, g, mixed = (torch.randn(5, 7, generator=gen, dtype=torch.float64) for _ in range(3))
+    plain, zero = DecentLaMRule(0.9), make_rule("decentlam", 0.9, max_staleness=0)
+    xa, xb = x.clone(), x.clone()
+    sa, sb = plain.init_state(x), zero.init_state(x)
+    for step in range(3):
+        plain.apply(xa, g, sa, 0.1, mixed, step)
+        zero.apply(xb, g, sb, 0.1, mixed, step)
+    assert torch.equal(xa, xb) and torch.equal(sa["momentum"], sb["momentum"])
+    assert not make_rule("decentlam", 0.9, max_staleness=1).damps_stale_weights
+    assert make_rule("dmsgd", 0.9, max_staleness=1).damps_stale_weights
+
+
+def test_delay_model_staleness_follows_the_slow_peer() -> None:
+    ring = torch.tensor(np.array(make_topology("ring", 8).mixing_matrix(0)))
+    model = DelayModel(SLOW_2X, max_staleness=2)
+    lags = [model.advance(k, ring) for k in range(40)]
+    steady = lags[-1]
+    assert steady[1, 0] == 2 and steady[7, 0] == 2  # the slow peer's neighbours see it late
+    assert steady[0, 1] == 0 and steady[0, 7] == 0  # the slow peer sees fresh vectors
+    assert max(int(lag.max()) for lag in lags) <= 2
+    assert model.finished == pytest.approx(2.0 * 40, abs=2.0)  # the slow peer sets the pace
+
+
+def test_delay_model_at_zero_staleness_leaves_the_simulation_unchanged() -> None:
+    problem = LinearRegressionProblem(n=8, dim=5, samples_per_node=30)
+    ring = make_topology("ring", 8)
+    plain = Simulator("decentlam", ring, problem, lr=0.02).run(50)
+    timed = Simulator("decentlam", ring, problem, lr=0.02, compute_time=SLOW_2X).run(50)
+    assert plain.params is not None and timed.params is not None
+    assert torch.equal(plain.params, timed.params)
+    assert timed.time[-1] == pytest.approx(100.0)
+
+
+@pytest.mark.parametrize("bound", [1, 2, 4])
+def test_async_decentlam_keeps_the_synchronous_floor_with_a_slow_peer(bound: int) -> None:
+    problem = LinearRegressionProblem(n=8, dim=10, samples_per_node=200, heterogeneity=1.0)
+    ring = make_topology("ring", 8)
+    steps = 1200
+
+    def floor(algorithm: str, staleness: int) -> float:
+        sim = Simulator(
+            algorithm, ring, problem, lr=0.01, momentum=0.9, max_staleness=staleness,
+            compute_time=SLOW_2X,
+        )  # fmt: skip
+        result = sim.run(steps, steps)
+        assert not result.diverged and result.final_error is not None
+        assert result.max_staleness_seen == staleness
+        return result.final_error
+
+    synchronous = floor("decentlam", 0)
+    asynchronous = floor("decentlam", bound)
+    dmsgd = floor("dmsgd", bound)
+    assert asynchronous <= 2 * synchronous
+    assert dmsgd >= 10 * asynchronous
