@@ -22,6 +22,15 @@ from topology import make_topology
 SLOW_2X = [2.0] + [1.0] * 7
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny [8, d] products: torch's thread pool only adds contention on a loaded machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def recursion_matrix(alpha: float, beta: float, w0: float, a: float, tau: int) -> np.ndarray:
     """State-space matrix of the delayed scalar recursion, written from the update itself:
     state (x^k, ..., x^{k-tau}, gamma m^{k-1}); mixed = w0 x^k + a x^{k-tau};

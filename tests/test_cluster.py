@@ -278,3 +278,29 @@ def test_peers_stop_when_the_launcher_is_killed(tmp_path: Path) -> None:
         if launcher.poll() is None:
             launcher.kill()
         subprocess.run(["pkill", "-f", "--", f"--out {out}"], check=False)
+
+
+def test_async_decentlam_with_a_slow_peer_keeps_its_floor_over_real_peers(tmp_path: Path) -> None:
+    """One peer 2x slower (injected sleep), max_staleness 1: staleness-aware DecentLaM reaches
+    the synchronous floor (simulator) within 2x, asynchronous DmSGD stays >= 10x above it."""
+    steps, delay = 600, {"step_delay_seconds": 0.01, "slow_ranks": [0]}
+    problem = LinearRegressionProblem(n=N, dim=10, samples_per_node=50, seed=3)
+    errors = {}
+    for algorithm in ("decentlam", "dmsgd"):
+        path = write_manifest(
+            tmp_path / f"{algorithm}.yaml", algorithm=algorithm, graph="ring", steps=steps,
+            task_options=delay,
+        )  # fmt: skip
+        run_cluster(path, tmp_path / algorithm, "--max-staleness", "1", timeout=110)
+        got = final_params(tmp_path / algorithm)
+        assert problem.x_star is not None
+        errors[algorithm] = float((got - problem.x_star).pow(2).sum())
+        summary = [
+            json.loads((tmp_path / algorithm / f"peer-{r}.json").read_text()) for r in range(N)
+        ]
+        assert max(s["max_staleness_seen"] for s in summary) == 1
+    topology = load_manifest(tmp_path / "decentlam.yaml").build_topology()
+    sync = Simulator("decentlam", topology, problem, lr=LR, momentum=0.9).run(steps, steps)
+    assert sync.final_error is not None
+    assert errors["decentlam"] <= 2 * sync.final_error, (errors, sync.final_error)
+    assert errors["dmsgd"] >= 10 * errors["decentlam"], errors
