@@ -95,6 +95,8 @@ class PeerOptions:
         resume: continue from ``out_dir/rank-<r>.pt``.
         blocking: turn overlap off (exchanges start in ``step()`` and are waited at once).
         max_staleness: overrides the manifest's bound when not ``None``.
+        pipeline: consume each exchange one step later (needs ``max_staleness = 1``; see
+            :class:`peer.training.optim.DecentralizedOptimizer`).
         bind: address the gRPC server binds (default: the manifest host and port).
         dist_init_method: ``torch.distributed`` rendezvous for ``pmsgd``.
         linger_seconds: after the last step, how long to keep serving for slower neighbours.
@@ -112,6 +114,7 @@ class PeerOptions:
     resume: bool = False
     blocking: bool = False
     max_staleness: int | None = None
+    pipeline: bool = False
     bind: str | None = None
     dist_init_method: str | None = None
     linger_seconds: float = 60.0
@@ -298,6 +301,11 @@ def run_peer(options: PeerOptions) -> TrainResult:
     rank, world_size = me.rank, manifest.world_size
     training = manifest.training
     staleness = resolve_staleness(manifest, options.max_staleness)
+    if options.pipeline and (staleness != 1 or training.algorithm == "pmsgd"):
+        raise PeerSetupError(
+            f"--pipeline needs max_staleness 1 and a decentralized algorithm, got "
+            f"max_staleness {staleness} with {training.algorithm}"
+        )
     if staleness > 0 and training.algorithm == "decentlam":
         # Staleness-aware DecentLaM (docs/async-decentlam.md): stable, but slower per step.
         logger.info(
@@ -736,6 +744,7 @@ def _build_optimizer(
         global_average_every=training.global_average_every,
         max_staleness=staleness,
         overlap=not options.blocking,
+        pipeline=options.pipeline,
         bucket_bytes=manifest.exchange.bucket_bytes,
         deadline_seconds=manifest.exchange.fetch_deadline_seconds,
     )

@@ -132,3 +132,64 @@ def test_async_decentlam_keeps_the_synchronous_floor_with_a_slow_peer(bound: int
     dmsgd = floor("dmsgd", bound)
     assert asynchronous <= 2 * synchronous
     assert dmsgd >= 10 * asynchronous
+
+
+class _LeastSquares:
+    """The optimizer tests' least squares (``0.5 mean (A_i x - b_i)^2``) as a simulator problem."""
+
+    def __init__(self, A: np.ndarray, b: np.ndarray, x0: np.ndarray) -> None:
+        self.A, self.b, self.x0 = torch.from_numpy(A), torch.from_numpy(b), torch.from_numpy(x0)
+        self.n, self.dim = A.shape[0], A.shape[2]
+        self.x_star = None
+
+    def initial_point(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.x0.to(dtype)
+
+    def stacked_gradient(self, X, batch_size=None, generator=None):  # type: ignore[no-untyped-def]
+        residual = torch.einsum("nmd,nd->nm", self.A, X) - self.b
+        return torch.einsum("nmd,nm->nd", self.A, residual) / self.A.shape[1]
+
+    def loss(self, X: torch.Tensor) -> float:
+        return 0.0
+
+    def metrics(self, X: torch.Tensor) -> dict[str, float]:
+        return {}
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["blocking", "overlap"])
+@pytest.mark.parametrize("method", ["decentlam", "dmsgd"])
+def test_pipelined_optimizer_equals_the_one_step_stale_simulator(
+    method: str, overlap: bool
+) -> None:
+    from reference_equations import MatrixTopology, linreg_data, ring_matrix
+    from test_optim import SAMPLES, N, run_peers, stacked
+
+    topology = MatrixTopology([ring_matrix(N)])
+    A, b = linreg_data(N, 15, SAMPLES, seed=5)
+    x0 = np.random.default_rng(1).normal(size=(N, 15))
+    steps = 30
+    models = run_peers(
+        method, topology, A, b, x0, steps, lr=0.05, momentum=0.9, max_staleness=1,
+        pipeline=True, overlap=overlap,
+    )  # fmt: skip
+    sim = Simulator(
+        method, topology, _LeastSquares(A, b, x0), lr=0.05, momentum=0.9, max_staleness=1,
+        pipeline=True,
+    )  # fmt: skip
+    sim.run(steps)
+    expected = sim.params.numpy()
+    assert np.abs(stacked(models) - expected).max() <= 1e-10 * np.abs(expected).max()
+
+
+def test_pipeline_arguments_are_checked() -> None:
+    from peer.training.optim import make_optimizer
+    from peer.transport.memory import InMemoryFabric
+
+    fabric = InMemoryFabric(2, make_topology("ring", 2))
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    with pytest.raises(ValueError, match="pipeline=True needs max_staleness=1"):
+        make_optimizer("decentlam", params, communicator=fabric.communicator(0), pipeline=True)
+    with pytest.raises(ValueError, match="pipeline needs max_staleness=1"):
+        Simulator(
+            "decentlam", make_topology("ring", 2), LinearRegressionProblem(n=2), pipeline=True
+        )

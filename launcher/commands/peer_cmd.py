@@ -58,6 +58,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--max-staleness", type=int, help="staleness bound T; overrides the manifest's bound"
     )
+    parser.add_argument(
+        "--pipeline",
+        action="store_true",
+        help="with --max-staleness 1: mix the neighbours' previous-step vectors, so each "
+        "exchange runs during the whole next step",
+    )
     parser.add_argument("--bind", help="gRPC bind address (default: manifest host:port)")
     parser.add_argument("--dist-init-method", help="torch.distributed rendezvous for pmsgd")
     parser.add_argument(
@@ -135,6 +141,7 @@ def run(args: argparse.Namespace) -> int:
         resume=args.resume,
         blocking=args.blocking,
         max_staleness=args.max_staleness,
+        pipeline=args.pipeline,
         bind=args.bind,
         dist_init_method=args.dist_init_method,
         linger_seconds=args.linger_seconds,

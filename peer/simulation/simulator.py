@@ -216,6 +216,8 @@ class Simulator:
             :func:`peer.algorithms.rules.make_rule`).
         compute_time: per-peer time units per step (default all 1).
         latency: delay model link latency in time units.
+        pipeline: every neighbour vector exactly one step old from iteration 1 on (the
+            optimizers' ``pipeline=True``; needs ``max_staleness=1``).
     """
 
     def __init__(
@@ -235,7 +237,11 @@ class Simulator:
         max_staleness: int = 0,
         compute_time: Sequence[float] | None = None,
         latency: float = 0.0,
+        pipeline: bool = False,
     ) -> None:
+        if pipeline and max_staleness != 1:
+            raise ValueError("pipeline needs max_staleness=1")
+        self.pipeline = bool(pipeline)
         if isinstance(rule, str):
             self.rule = make_rule(rule, momentum, max_staleness=max_staleness)
         else:
@@ -283,6 +289,9 @@ class Simulator:
         elif self.max_staleness == 0:
             mixed = self.mixing.at(k) @ out
         else:
+            if self.pipeline:
+                neighbours = (self.mixing.at(k) > 0) & ~torch.eye(self.n, dtype=torch.bool)
+                lag = neighbours.numpy().astype(np.int64) * min(k, 1)
             assert lag is not None
             self._history.append(out)
             mixed = self._stale_mix(self.mixing.at(k), lag)

@@ -18,6 +18,15 @@ its parameters have their gradient, while backward is still running; ``step()`` 
 whatever bucket is left (parameters that got no gradient count as zero) and only waits.
 Overlap assumes one backward pass per step (no gradient accumulation across passes).
 
+With ``pipeline=True`` (requires ``max_staleness=1``, partial averaging only) an exchange is
+consumed one step later: step ``k`` publishes ``msg^k`` and starts fetching the neighbours'
+``msg_j^k`` (their part ``sum_j w_ij msg_j^k`` only, ``self_weight = 0``), then applies with
+``mixed = w_ii msg^k + sum_j w_ij msg_j^{k-1}`` from the exchange started at step ``k - 1``. Every
+exchange thus has the whole next step (forward, backward, update) to finish, and every neighbour
+vector is exactly one step old (the staleness-aware DecentLaM's ``T = 1`` case,
+docs/async-decentlam.md). The first step after construction or a resume waits for its own
+exchange (``mixed = W msg^k``).
+
 Message names depend only on the parameter order, so every peer of a run built from the same
 model agrees on them. Do not move the model to another device after building the optimizer.
 """
@@ -35,7 +44,7 @@ import torch
 
 from peer.algorithms.rules import UpdateRule, make_rule, uses_global_average
 from peer.errors import ExchangeError
-from peer.transport.base import Communicator, ExchangeStats, Handle
+from peer.transport.base import Communicator, ExchangeStats, Handle, resolve_weights
 from topology.manifest import ExchangeSpec
 
 logger = logging.getLogger(__name__)
@@ -73,6 +82,8 @@ class _InFlight:
     handle: Handle
     gradient: torch.Tensor
     lr: float
+    message: torch.Tensor | None = None  # pipeline: this step's own message
+    self_weight: float = 0.0  # pipeline: w_ii of the row the exchange was started with
 
 
 class DecentralizedOptimizer(torch.optim.Optimizer):
@@ -93,6 +104,7 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         overlap: start each bucket's exchange from backward hooks.
         bucket_bytes: target bucket size.
         deadline_seconds: timeout of each wait (``None``: the transport's deadline).
+        pipeline: consume each exchange one step later (see the module docstring).
     """
 
     def __init__(
@@ -109,6 +121,7 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         overlap: bool = False,
         bucket_bytes: int = DEFAULT_BUCKET_BYTES,
         deadline_seconds: float | None = None,
+        pipeline: bool = False,
     ) -> None:
         if communicator is None:
             raise ValueError("a communicator (peer.transport.base.Communicator) is required")
@@ -125,6 +138,16 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
                 if group[key] != self.param_groups[0][key]:
                     raise ValueError(f"all parameter groups must share {key!r}")
         self.rule: UpdateRule = make_rule(algorithm, momentum, max_staleness=max_staleness)
+        if pipeline and (
+            max_staleness != 1 or self.rule.communication != "partial" or global_average_every
+        ):
+            raise ValueError(
+                "pipeline=True needs max_staleness=1 and neighbour averaging only "
+                "(no pmsgd, no global_average_every)"
+            )
+        self.pipeline = bool(pipeline)
+        # pipeline: the exchanges started by the previous step, consumed by this one.
+        self._previous: dict[int, _InFlight] = {}
         self.communicator = communicator
         self.schedule = schedule
         self.global_average_every = int(global_average_every)
@@ -241,6 +264,16 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         k = self._step
         msg = self.rule.outgoing(x, g, state, lr, k)
         # msg is a fresh tensor nobody modifies: hand it over instead of having it copied.
+        if self.pipeline:
+            topology = getattr(self.communicator, "topology", None)
+            rank = self.communicator.rank
+            self_weight, weights = resolve_weights(topology, rank, k, None, None)
+            handle = self.communicator.neighbor_average_async(
+                bucket.name, msg, k, 0.0, weights, copy=False,
+                damp_stale=self.rule.damps_stale_weights,
+            )  # fmt: skip
+            self._in_flight[b] = _InFlight(handle, g, lr, msg, self_weight)
+            return
         if uses_global_average(self.rule, k, self.global_average_every):
             handle = self.communicator.global_average_async(bucket.name, msg, k, copy=False)
         else:
@@ -294,7 +327,10 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
             # Every bucket's mixed vector first, then every update: a failed or interrupted
             # exchange leaves parameters and state exactly as they were (the step is abandoned
             # whole, never half-applied), so a checkpoint written after it is consistent.
-            mixed = [self._wait(self._in_flight[b].handle) for b in range(len(self._buckets))]
+            if self.pipeline:
+                mixed = [self._pipelined_mix(b) for b in range(len(self._buckets))]
+            else:
+                mixed = [self._wait(self._in_flight[b].handle) for b in range(len(self._buckets))]
             for b, bucket in enumerate(self._buckets):
                 flight = self._in_flight[b]
                 group = self._groups[bucket.group]
@@ -302,6 +338,9 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
                 state = {key: v[bucket.start : bucket.end] for key, v in group.state.items()}
                 self.rule.apply(x, flight.gradient, state, flight.lr, mixed[b], k)
                 stats.append(flight.handle.stats)
+            if self.pipeline:
+                stats = [self._previous[b].handle.stats for b in self._previous] or stats
+                self._previous = dict(self._in_flight)
         finally:
             self._in_flight.clear()
             if self.overlap:
@@ -312,6 +351,22 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
             for param_group in self.param_groups:
                 param_group["lr"] = self.current_lr()
         return loss
+
+    def _pipelined_mix(self, b: int) -> torch.Tensor:
+        """``w_ii msg^k + sum_j w_ij msg_j^{k-1}`` (``k - 1``: the previous step's exchange)."""
+        current = self._in_flight[b]
+        assert current.message is not None
+        previous = self._previous.get(b)
+        if previous is None:  # first step: this step's own exchange, synchronously
+            neighbours = self._wait(current.handle)
+            return neighbours.add(current.message, alpha=current.self_weight)
+        neighbours = self._wait(previous.handle)
+        if self.rule.damps_stale_weights:
+            # Every neighbour vector is one step old: w_ij / 2, the rest to the peer itself
+            # (symmetric on every edge, so W stays doubly stochastic).
+            moved = 0.5 * (1.0 - previous.self_weight)
+            return neighbours.mul(0.5).add(current.message, alpha=previous.self_weight + moved)
+        return neighbours.add(current.message, alpha=previous.self_weight)
 
     def _wait(self, handle: Handle) -> torch.Tensor:
         """``handle.wait`` that gives up early when :attr:`interrupt` is set.
@@ -395,6 +450,7 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
             param_group.update(saved_group)
         self._step = int(state_dict["step"])
         self._in_flight.clear()
+        self._previous.clear()
 
 
 class DecentLaM(DecentralizedOptimizer):
