@@ -307,6 +307,7 @@ class Trainer:
             record: dict[str, float] = {"step": self.step, "loss": loss_value}
             every = self.config.eval_every
             if every and self.step % every == 0 and self.step < self.config.steps:
+                record["seconds"] = time.perf_counter() - started  # wall clock since training began
                 eval_results = self._evaluate(record)
                 distance = record["consensus_distance"]
                 history.append(record)
@@ -320,6 +321,7 @@ class Trainer:
             stop_reason = "signal" if stopped_early else None
         if not stopped_early:
             record = {"step": self.step, "loss": loss_value}
+            record["seconds"] = time.perf_counter() - started
             eval_results = self._evaluate(record)
             distance = record["consensus_distance"]
             history.append(record)
