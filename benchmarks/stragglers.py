@@ -84,13 +84,14 @@ def curve(results: list[dict[str, Any]]) -> list[tuple[int, float, float]]:
     by_step: dict[int, list[dict[str, Any]]] = {}
     for result in results:
         for record in result["history"]:
-            if "accuracy" in record:
+            if "eval_accuracy" in record:
                 by_step.setdefault(int(record["step"]), []).append(record)
     points = []
     for step, records in sorted(by_step.items()):
         if len(records) == len(results):
             seconds = max(float(r["seconds"]) for r in records)
-            points.append((step, seconds, statistics.mean(float(r["accuracy"]) for r in records)))
+            accuracy = statistics.mean(float(r["eval_accuracy"]) for r in records)
+            points.append((step, seconds, accuracy))
     return points
 
 
@@ -123,12 +124,22 @@ def main(argv: list[str] | None = None) -> int:
             results = run_cluster(calibration, root / "calibrate", ())
             delay = statistics.median(r["mean_compute_seconds"] for r in results)
         for label, algorithm, staleness, extra in chosen:
-            manifest = write_manifest(
-                root / f"{len(rows)}.yaml", args, algorithm, args.steps, delay, staleness
-            )
-            if algorithm == "pmsgd":  # torch.distributed rendezvous on a free loopback port
-                extra = (*extra, "--dist-init-method", f"tcp://127.0.0.1:{free_ports(1)[0]}")
-            results = run_cluster(manifest, root / str(len(rows)), extra)
+            for attempt in range(2):  # a free port taken by another process meanwhile: retry
+                name = f"{len(rows)}-{attempt}"
+                manifest = write_manifest(
+                    root / f"{name}.yaml", args, algorithm, args.steps, delay, staleness
+                )
+                arguments = extra
+                if algorithm == "pmsgd":  # torch.distributed rendezvous on a free loopback port
+                    init = f"tcp://127.0.0.1:{free_ports(1)[0]}"
+                    arguments = (*extra, "--dist-init-method", init)
+                try:
+                    results = run_cluster(manifest, root / name, arguments)
+                    break
+                except RuntimeError as exc:
+                    if attempt:
+                        raise
+                    print(f"  {label}: failed ({str(exc).splitlines()[0]}); retrying", flush=True)
             points = curve(results)
             reached = next((p for p in points if p[2] >= args.target), None)
             rows.append({
