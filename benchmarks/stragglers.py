@@ -43,7 +43,8 @@ METHODS: tuple[tuple[str, str, int, tuple[str, ...]], ...] = (
 
 
 def write_manifest(path: Path, args: argparse.Namespace, algorithm: str, steps: int,
-                   delay_seconds: float, staleness: int) -> Path:  # fmt: skip
+                   delay_seconds: float, staleness: int, lr: float | None = None,
+                   ) -> Path:  # fmt: skip
     """An 8-peer loopback ring manifest for the digits task, peer 0 delayed."""
     options: dict[str, Any] = {
         "batch_size": args.batch_size, "alpha": args.alpha, "hidden": args.hidden,
@@ -51,7 +52,8 @@ def write_manifest(path: Path, args: argparse.Namespace, algorithm: str, steps: 
     }  # fmt: skip
     manifest = init_manifest(
         N, "ring", algorithm=algorithm, task="digits", task_options=options, steps=steps,
-        lr=args.lr, momentum=0.9, seed=args.seed, eval_every=args.eval_every,
+        lr=args.lr if lr is None else lr, momentum=0.9, seed=args.seed,
+        eval_every=args.eval_every,
         max_staleness=staleness,
     )  # fmt: skip
     ports = free_ports(2 * N)
@@ -103,6 +105,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--alpha", type=float, default=0.5, help="Dirichlet label skew")
     parser.add_argument("--lr", type=float, default=0.1)
+    parser.add_argument(
+        "--async-lr",
+        type=float,
+        help="lr of the asynchronous DecentLaM runs "
+        "(default --lr; they move ~1/(1-beta) slower per step at the same lr)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--target", type=float, default=0.95)
     parser.add_argument("--delay-seconds", type=float, help="slow peer's sleep per step "
@@ -126,8 +134,9 @@ def main(argv: list[str] | None = None) -> int:
         for label, algorithm, staleness, extra in chosen:
             for attempt in range(2):  # a free port taken by another process meanwhile: retry
                 name = f"{len(rows)}-{attempt}"
+                lr = args.async_lr if algorithm == "decentlam" and staleness else None
                 manifest = write_manifest(
-                    root / f"{name}.yaml", args, algorithm, args.steps, delay, staleness
+                    root / f"{name}.yaml", args, algorithm, args.steps, delay, staleness, lr
                 )
                 arguments = extra
                 if algorithm == "pmsgd":  # torch.distributed rendezvous on a free loopback port
@@ -145,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({
                 "method": label, "algorithm": algorithm, "max_staleness": staleness,
                 "extra_args": list(extra),
+                "lr": args.async_lr if algorithm == "decentlam" and staleness and args.async_lr
+                else args.lr,
                 "seconds_to_target": reached[1] if reached else None,
                 "step_to_target": reached[0] if reached else None,
                 "final_accuracy": points[-1][2] if points else None,

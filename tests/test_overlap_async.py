@@ -50,20 +50,44 @@ class TwoStage(nn.Module):
         return self.last(SlowBackward.apply(self.first(x), self.seconds))
 
 
-def _step_seconds(overlap: bool, compute: float, bandwidth: float, steps: int = 6) -> float:
+class BigFirst(nn.Module):
+    """The large layer first: its gradient (the bandwidth-bound bucket) comes last in backward,
+    after the slow part, so overlapping with backward cannot hide its exchange."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.first = nn.Linear(250_000, 4)  # ~4 MB of parameters
+        self.last = nn.Linear(4, 4)
+        self.seconds = seconds
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.last(SlowBackward.apply(self.first(x), self.seconds))
+
+
+def _step_seconds(
+    overlap: bool,
+    compute: float,
+    bandwidth: float,
+    steps: int = 6,
+    *,
+    big_first: bool = False,
+    pipeline: bool = False,
+) -> float:
     n = 2
     fabric = InMemoryFabric(n, make_topology("ring", n), link_bytes_per_second=bandwidth)
     times: dict[int, list[float]] = {r: [] for r in range(n)}
 
     def peer(rank: int) -> None:
         torch.manual_seed(0)
-        model = TwoStage(compute)
-        first_bucket = sum(p.numel() * p.element_size() for p in model.first.parameters())
+        model = BigFirst(compute) if big_first else TwoStage(compute)
+        small = model.last if big_first else model.first
+        first_bucket = sum(p.numel() * p.element_size() for p in small.parameters())
         opt = make_optimizer(
             "decentlam", model.parameters(), lr=0.01, communicator=fabric.communicator(rank),
-            overlap=overlap, bucket_bytes=first_bucket,
+            overlap=overlap, bucket_bytes=first_bucket, max_staleness=1 if pipeline else 0,
+            pipeline=pipeline,
         )  # fmt: skip
-        x = torch.randn(2, 4)
+        x = torch.randn(2, 250_000 if big_first else 4)
         for _ in range(steps):
             begin = time.perf_counter()
             opt.zero_grad()
@@ -89,6 +113,18 @@ def test_overlap_hides_communication_behind_backward() -> None:
     assert blocking >= 0.9 * total, f"blocking step {blocking:.3f} s"
     # closer to max(compute, comm) = 0.25 s than to their sum 0.5 s (loose, CI-safe bound)
     assert overlapped < 0.75 * total, f"overlapped {overlapped:.3f} s vs blocking {blocking:.3f}"
+
+
+def test_pipeline_hides_communication_behind_the_whole_next_step() -> None:
+    compute = 0.25
+    bandwidth = 4_000_000 / 0.25  # the 4 MB first-layer bucket takes 0.25 s on the link
+    overlapped = _step_seconds(True, compute, bandwidth, big_first=True)
+    pipelined = _step_seconds(True, compute, bandwidth, big_first=True, pipeline=True)
+    total = 2 * compute  # compute + comm
+    # the big bucket is ready only at the end of backward: overlap cannot hide it ...
+    assert overlapped >= 0.9 * total, f"overlapped step {overlapped:.3f} s"
+    # ... but the pipeline gives it the whole next step: close to max(compute, comm) = 0.25 s
+    assert pipelined < 0.75 * total, f"pipelined {pipelined:.3f} s vs overlapped {overlapped:.3f}"
 
 
 @pytest.mark.parametrize(
