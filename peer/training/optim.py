@@ -265,9 +265,10 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         msg = self.rule.outgoing(x, g, state, lr, k)
         # msg is a fresh tensor nobody modifies: hand it over instead of having it copied.
         if self.pipeline:
-            topology = getattr(self.communicator, "topology", None)
-            rank = self.communicator.rank
-            self_weight, weights = resolve_weights(topology, rank, k, None, None)
+            communicator = self.communicator
+            self_weight, weights = resolve_weights(
+                communicator.topology, communicator.rank, k, None, None
+            )
             handle = self.communicator.neighbor_average_async(
                 bucket.name, msg, k, 0.0, weights, copy=False,
                 damp_stale=self.rule.damps_stale_weights,
