@@ -37,8 +37,9 @@ OPTIONS: dict[str, Any] = {
 }  # fmt: skip
 
 
-def write_manifest(path: Path, algorithm: str, args: argparse.Namespace) -> Path:
-    """An 8-peer loopback ring manifest for full-batch linreg with peer 0 delayed."""
+def write_manifest(path: Path, algorithm: str, args: argparse.Namespace, staleness: int) -> Path:
+    """An 8-peer loopback ring manifest for full-batch linreg with peer 0 delayed (keeping
+    enough versions for the staleness bound)."""
     options = OPTIONS | {"step_delay_seconds": args.delay_seconds, "slow_ranks": [0]}
     manifest = init_manifest(
         N, "ring", algorithm=algorithm, task="linreg", task_options=options, steps=args.steps,
@@ -49,7 +50,11 @@ def write_manifest(path: Path, algorithm: str, args: argparse.Namespace) -> Path
         dataclasses.replace(p, port=ports[2 * i], metrics_port=ports[2 * i + 1])
         for i, p in enumerate(manifest.peers)
     )
-    path.write_text(dump_manifest(dataclasses.replace(manifest, peers=peers)))
+    exchange = dataclasses.replace(
+        manifest.exchange,
+        retained_versions=max(manifest.exchange.retained_versions, staleness + 2),
+    )
+    path.write_text(dump_manifest(dataclasses.replace(manifest, peers=peers, exchange=exchange)))
     return path
 
 
@@ -92,12 +97,14 @@ def main(argv: list[str] | None = None) -> int:
     })  # fmt: skip
     slow = [2.0] + [1.0] * (N - 1)
     started = time.perf_counter()
-    rows = []
+    rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="decentlam-async-linreg-") as tmp:
         root = Path(tmp)
         runs = [("decentlam", 0)] + [(a, t) for t in bounds for a in ("decentlam", "dmsgd")]
         for algorithm, staleness in runs:
-            manifest = write_manifest(root / f"{algorithm}-{staleness}.yaml", algorithm, args)
+            manifest = write_manifest(
+                root / f"{algorithm}-{staleness}.yaml", algorithm, args, staleness
+            )
             topology = load_manifest(manifest).build_topology()
             sim = Simulator(
                 algorithm, topology, problem, lr=args.lr, momentum=0.9, max_staleness=staleness,
