@@ -281,26 +281,26 @@ def test_peers_stop_when_the_launcher_is_killed(tmp_path: Path) -> None:
 
 
 def test_async_decentlam_with_a_slow_peer_keeps_its_floor_over_real_peers(tmp_path: Path) -> None:
-    """One peer 2x slower (injected sleep), max_staleness 1: staleness-aware DecentLaM reaches
-    the synchronous floor (simulator) within 2x, asynchronous DmSGD stays >= 10x above it."""
-    steps, delay = 300, {"step_delay_seconds": 0.01, "slow_ranks": [0]}
+    """One peer 2x slower (injected sleep), max_staleness 1: staleness-aware DecentLaM over real
+    peers reaches the synchronous floor (simulator) within 2x, and sits >= 10x below
+    asynchronous DmSGD with the same slow peer (simulator delay model; 8 real peers of both in
+    benchmarks/async_linreg.py)."""
+    steps, delay = 250, {"step_delay_seconds": 0.01, "slow_ranks": [0]}
     problem = LinearRegressionProblem(n=N, dim=10, samples_per_node=50, seed=3)
-    errors = {}
-    for algorithm in ("decentlam", "dmsgd"):
-        path = write_manifest(
-            tmp_path / f"{algorithm}.yaml", algorithm=algorithm, graph="ring", steps=steps,
-            task_options=delay,
-        )  # fmt: skip
-        run_cluster(path, tmp_path / algorithm, "--max-staleness", "1", timeout=110)
-        got = final_params(tmp_path / algorithm)
-        assert problem.x_star is not None
-        errors[algorithm] = float((got - problem.x_star).pow(2).sum())
-        summary = [
-            json.loads((tmp_path / algorithm / f"peer-{r}.json").read_text()) for r in range(N)
-        ]
-        assert max(s["max_staleness_seen"] for s in summary) == 1
-    topology = load_manifest(tmp_path / "decentlam.yaml").build_topology()
+    path = write_manifest(
+        tmp_path / "m.yaml", algorithm="decentlam", graph="ring", steps=steps, task_options=delay
+    )
+    run_cluster(path, tmp_path / "out", "--max-staleness", "1", timeout=100)
+    assert problem.x_star is not None
+    error = float((final_params(tmp_path / "out") - problem.x_star).pow(2).sum())
+    summary = [json.loads((tmp_path / "out" / f"peer-{r}.json").read_text()) for r in range(N)]
+    assert max(s["max_staleness_seen"] for s in summary) == 1
+    topology = load_manifest(path).build_topology()
     sync = Simulator("decentlam", topology, problem, lr=LR, momentum=0.9).run(steps, steps)
-    assert sync.final_error is not None
-    assert errors["decentlam"] <= 2 * sync.final_error, (errors, sync.final_error)
-    assert errors["dmsgd"] >= 10 * errors["decentlam"], errors
+    dmsgd = Simulator(
+        "dmsgd", topology, problem, lr=LR, momentum=0.9, max_staleness=1,
+        compute_time=[2.0] + [1.0] * (N - 1),
+    ).run(steps, steps)  # fmt: skip
+    assert sync.final_error is not None and dmsgd.final_error is not None
+    assert error <= 2 * sync.final_error, (error, sync.final_error)
+    assert dmsgd.final_error >= 10 * error, (dmsgd.final_error, error)
