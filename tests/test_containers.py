@@ -305,14 +305,17 @@ def test_compose_cluster_trains_resumes_and_leaves_nothing(
         accuracy = cluster.by_rank('last_over_time(decentlam_eval{metric="accuracy"}[10m])')
         cluster.compose("stop", "-t", "60", *PEERS)
         final = {r: cluster.result_file(r) for r in range(len(PEERS))}
-        lines = ["peer  stopped at  resumed from  final step  loss     accuracy (last eval)"]
+        lines = [
+            "peer  stopped at  resumed from  final step  loss     iter ms  accuracy (last eval)"
+        ]
         for r, result in final.items():
             # the resumed run starts at the checkpoint the stop wrote to the volume
             assert result["start_step"] == stopped_steps[r], (r, result, stopped_steps)
             assert result["steps"] >= stopped_steps[r] + RESUMED_STEPS, (r, result)
             lines.append(
                 f"{r:4d}  {stopped_steps[r]:10d}  {result['start_step']:12d}  "
-                f"{result['steps']:10d}  {result['final_loss']:.4f}  {accuracy[r]:.4f}"
+                f"{result['steps']:10d}  {result['final_loss']:.4f}  "
+                f"{1000 * result['mean_iteration_seconds']:7.1f}  {accuracy[r]:.4f}"
             )
         _report(capsys, "\n".join(lines))
         assert all(0.0 <= a <= 1.0 for a in accuracy.values()), accuracy
