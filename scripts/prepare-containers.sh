@@ -3,7 +3,7 @@
 #
 #   scripts/prepare-containers.sh            (as root; idempotent: skips what is already done)
 #   podman-compose -f docker-compose.yml -f deploy/podman/compose.override.yaml \
-#       up -d peer0 peer1 peer2 peer3 prometheus
+#       up -d --no-build peer0 peer1 peer2 peer3 prometheus
 #
 # Steps, each skipped when already done:
 #   1. apt-get install podman podman-compose debootstrap;
@@ -132,7 +132,7 @@ wheels_dir() {
     # PIP_FIND_LINKS, then pip's configuration).
     local candidates="${DECENTLAM_WHEELS_DIR:-} ${PIP_FIND_LINKS:-}"
     candidates+=" $(python3 -m pip config get global.find-links 2> /dev/null || true)"
-    candidates+=" $(python3 -m pip config get :env:.find-links 2> /dev/null || true)"
+    candidates+=" $(python3 -m pip config get install.find-links 2> /dev/null || true)"
     local dir
     for dir in $candidates; do
         dir=${dir#file://}

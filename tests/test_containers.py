@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from launcher.cluster import free_ports
 from topology.manifest import load_manifest
@@ -38,6 +39,7 @@ from topology.manifest import load_manifest
 ROOT = Path(__file__).resolve().parents[1]
 PREPARE = ROOT / "scripts/prepare-containers.sh"
 OVERRIDE = "deploy/podman/compose.override.yaml"
+PROMETHEUS_IMAGE = "localhost/decentlam-prometheus:latest"
 MANIFEST = load_manifest(ROOT / "deploy/compose-manifest.yaml")
 PEERS = [f"peer{spec.rank}" for spec in MANIFEST.peers]
 # The compose services the override can run here; grafana/grafana has no local substitute.
@@ -62,11 +64,15 @@ def _skip_reason() -> str | None:
     return None
 
 
-pytestmark = [
-    pytest.mark.containers,
-    pytest.mark.slow,
-    pytest.mark.skipif(_skip_reason() is not None, reason=_skip_reason() or ""),
-]
+def containers(test: Callable[..., None]) -> Callable[..., None]:
+    """Marks a test that builds images and runs containers (``-m containers``), or skips it."""
+    for mark in (
+        pytest.mark.containers,
+        pytest.mark.slow,
+        pytest.mark.skipif(_skip_reason() is not None, reason=_skip_reason() or ""),
+    ):
+        test = mark(test)
+    return test
 
 
 def _run(argv: list[str], timeout: float, env: dict[str, str] | None = None) -> str:
@@ -202,6 +208,33 @@ def _edges() -> set[tuple[int, int]]:
     }
 
 
+# --- files, checked everywhere -------------------------------------------------------------
+
+
+def test_override_changes_only_the_prometheus_image() -> None:
+    override = yaml.safe_load((ROOT / OVERRIDE).read_text())
+    assert override == {"services": {"prometheus": {"image": PROMETHEUS_IMAGE}}}
+    script = PREPARE.read_text()
+    assert f"PROMETHEUS_IMAGE=${{DECENTLAM_PROMETHEUS_IMAGE:-{PROMETHEUS_IMAGE}}}" in script
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    assert set(SERVICES) < set(compose["services"]), "the services the test starts"
+
+
+def test_prepare_script_usage_errors_are_one_line() -> None:
+    result = subprocess.run(
+        ["bash", str(PREPARE), "--bogus"], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == "prepare-containers: unknown argument --bogus (try --help)\n"
+    usage = subprocess.run(
+        ["bash", str(PREPARE), "--help"], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert usage.returncode == 0 and "debootstrap" in usage.stdout and "#" not in usage.stdout
+
+
+# --- containers -----------------------------------------------------------------------------
+
+
 @pytest.fixture(scope="module")
 def prepared() -> Iterator[float]:
     """Run the prepare script once per test run (images cached by podman); yields its seconds."""
@@ -210,6 +243,7 @@ def prepared() -> Iterator[float]:
     yield time.monotonic() - started
 
 
+@containers
 @pytest.mark.timeout(PREPARE_TIMEOUT_SECONDS + 120)
 def test_prepare_script_is_idempotent(prepared: float, capsys: pytest.CaptureFixture[str]) -> None:
     """A second run finds everything done: no install, no debootstrap, cached image layers."""
@@ -231,6 +265,7 @@ def test_prepare_script_is_idempotent(prepared: float, capsys: pytest.CaptureFix
     _report(capsys, f"prepare: first run {prepared:.0f} s, second run {seconds:.0f} s")
 
 
+@containers
 @pytest.mark.timeout(PREPARE_TIMEOUT_SECONDS + 4 * CLUSTER_DEADLINE_SECONDS)
 def test_compose_cluster_trains_resumes_and_leaves_nothing(
     prepared: float, capsys: pytest.CaptureFixture[str]
@@ -240,7 +275,8 @@ def test_compose_cluster_trains_resumes_and_leaves_nothing(
     _report(capsys, GRAFANA_LEFT_OUT)
     started = time.monotonic()
     try:
-        cluster.compose("up", "-d", *SERVICES)
+        # --no-build: the images are the prepare script's (compose's build has no build args)
+        cluster.compose("up", "-d", "--no-build", *SERVICES)
         first_steps: dict[int, float] = {}
 
         def trained() -> tuple[bool, Any]:
