@@ -47,6 +47,10 @@ GRAFANA_HOST_PORT_VARIABLE = "DECENTLAM_GRAFANA_PORT"
 # as `decentlam launch` avoids); compose substitutes the variable, default 1.
 TORCH_THREADS_VARIABLE = "DECENTLAM_TORCH_THREADS"
 DEFAULT_TORCH_THREADS = 1
+# A stopped peer checkpoints, then keeps serving for up to its linger time (60 s by default,
+# `decentlam peer --linger-seconds`) so that its neighbours can fetch its last step, then writes
+# peer-<r>.json and exits 0; compose's default of 10 s would SIGKILL it during that time.
+PEER_STOP_GRACE_PERIOD = "90s"
 # The compose file and the Prometheus/Grafana files it mounts, relative to the compose file.
 DEFAULT_PROMETHEUS_CONFIG_PATH = "./deploy/prometheus/prometheus.yml"
 DEFAULT_GRAFANA_DIR = "./deploy/grafana"
@@ -219,6 +223,7 @@ def peer_service(manifest: Manifest, rank: int, image: str, manifest_source: str
             f"peer{rank}-data:{CONTAINER_OUT_DIR}",
         ],
         "restart": "on-failure",
+        "stop_grace_period": PEER_STOP_GRACE_PERIOD,
     }
     if spec.host != f"peer{rank}":
         # Other peers dial the manifest host name: make it resolve to this container.

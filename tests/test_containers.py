@@ -48,6 +48,10 @@ GRAFANA_LEFT_OUT = "Grafana left out: its image cannot be pulled here and Debian
 # Past the first evaluation, so that every peer reports an accuracy.
 TRAINED_STEPS = MANIFEST.training.eval_every + 10
 RESUMED_STEPS = 20  # steps each peer must train after its restart
+# Failure detection and rejoin (peer/rejoin.py) let one peer restart while the others train;
+# without them the others time out on its fetches, and only a restart of every peer resumes.
+REJOIN = importlib.util.find_spec("peer.rejoin") is not None
+NO_REJOIN = "one peer alone not restarted: this tree has no rejoin (peer/rejoin.py)"
 PREPARE_TIMEOUT_SECONDS = 900.0  # a fresh machine: apt, debootstrap, two image builds
 CLUSTER_DEADLINE_SECONDS = 360.0  # each wait on the cluster (a loaded 2-core machine)
 
@@ -208,6 +212,42 @@ def _edges() -> set[tuple[int, int]]:
     }
 
 
+def _started_at(cluster: Cluster, service: str) -> str:
+    return _podman("inspect", "--format", "{{.State.StartedAt}}", cluster.container(service))
+
+
+def _restart_one_peer(cluster: Cluster, capsys: pytest.CaptureFixture[str]) -> None:
+    """Restart one peer container while the others train: they must go on, and it must rejoin
+    at their step (state transfer from a neighbour or its own checkpoint, whichever is newer)."""
+    restarted, others = PEERS[1], [p for p in PEERS if p != PEERS[1]]
+    rank = PEERS.index(restarted)
+    started_at = {service: _started_at(cluster, service) for service in others}
+    before = cluster.by_rank("decentlam_step")
+    began = time.monotonic()
+    cluster.compose("restart", restarted)
+
+    def rejoined() -> tuple[bool, Any]:
+        steps = cluster.by_rank("decentlam_step")
+        rejoins = cluster.by_rank("decentlam_rejoins_total")
+        done = (
+            rejoins.get(rank, 0) >= 1
+            and steps.get(rank, 0) > before[rank]
+            and all(steps.get(r, 0) >= before[r] + RESUMED_STEPS for r in before if r != rank)
+        )
+        return done, {"steps": steps, "rejoins": rejoins}
+
+    state = _wait_for(cluster, f"{restarted} rejoins, the others train on", rejoined,
+                      CLUSTER_DEADLINE_SECONDS)  # fmt: skip
+    for service in others:
+        assert _started_at(cluster, service) == started_at[service], f"{service} was restarted"
+    seconds = cluster.by_rank("decentlam_rejoin_seconds").get(rank, float("nan"))
+    _report(
+        capsys,
+        f"{restarted} restarted alone: rejoined after {time.monotonic() - began:.0f} s "
+        f"(rejoin {seconds:.1f} s), steps {before} -> {state['steps']}; the others went on",
+    )
+
+
 # --- files, checked everywhere -------------------------------------------------------------
 
 
@@ -218,6 +258,9 @@ def test_override_changes_only_the_prometheus_image() -> None:
     assert f"PROMETHEUS_IMAGE=${{DECENTLAM_PROMETHEUS_IMAGE:-{PROMETHEUS_IMAGE}}}" in script
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     assert set(SERVICES) < set(compose["services"]), "the services the test starts"
+    for service in PEERS:
+        # longer than a stopped peer's linger (60 s), or compose SIGKILLs it meanwhile
+        assert compose["services"][service]["stop_grace_period"] == "90s"
 
 
 def test_prepare_script_usage_errors_are_one_line() -> None:
@@ -266,7 +309,7 @@ def test_prepare_script_is_idempotent(prepared: float, capsys: pytest.CaptureFix
 
 
 @containers
-@pytest.mark.timeout(PREPARE_TIMEOUT_SECONDS + 4 * CLUSTER_DEADLINE_SECONDS)
+@pytest.mark.timeout(PREPARE_TIMEOUT_SECONDS + 5 * CLUSTER_DEADLINE_SECONDS)
 def test_compose_cluster_trains_resumes_and_leaves_nothing(
     prepared: float, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -316,10 +359,13 @@ def test_compose_cluster_trains_resumes_and_leaves_nothing(
             )
         _report(capsys, "\n".join(lines))
 
+        if REJOIN:
+            _restart_one_peer(cluster, capsys)
+        else:
+            _report(capsys, NO_REJOIN)
+
         # Restart every peer container: a graceful stop checkpoints to the named volume.
-        # (Restarting one peer while the others train needs failure detection and rejoin,
-        # the resilience issue; until then the others time out on its fetches.)
-        cluster.compose("stop", "-t", "60", *PEERS)
+        cluster.compose("stop", *PEERS)  # within the services' stop_grace_period
         for service in PEERS:
             status = _podman("inspect", "--format", "{{.State.Status}} {{.State.ExitCode}}",
                              cluster.container(service)).split()  # fmt: skip
@@ -339,7 +385,7 @@ def test_compose_cluster_trains_resumes_and_leaves_nothing(
         _wait_for(cluster, "every peer trains on after its restart", resumed,
                   CLUSTER_DEADLINE_SECONDS)  # fmt: skip
         accuracy = cluster.by_rank('last_over_time(decentlam_eval{metric="accuracy"}[10m])')
-        cluster.compose("stop", "-t", "60", *PEERS)
+        cluster.compose("stop", *PEERS)
         final = {r: cluster.result_file(r) for r in range(len(PEERS))}
         lines = [
             "peer  stopped at  resumed from  final step  loss     iter ms  accuracy (last eval)"
