@@ -47,9 +47,10 @@ GRAFANA_HOST_PORT_VARIABLE = "DECENTLAM_GRAFANA_PORT"
 # as `decentlam launch` avoids); compose substitutes the variable, default 1.
 TORCH_THREADS_VARIABLE = "DECENTLAM_TORCH_THREADS"
 DEFAULT_TORCH_THREADS = 1
-# A stopped peer checkpoints, then keeps serving for up to its linger time (60 s by default,
-# `decentlam peer --linger-seconds`) so that its neighbours can fetch its last step, then writes
-# peer-<r>.json and exits 0; compose's default of 10 s would SIGKILL it during that time.
+# On SIGTERM a peer abandons its step, writes its checkpoint, closes its server and channels,
+# writes peer-<r>.json and exits 0, at once; compose's default of 10 s before SIGKILL is short
+# for that on a loaded machine (a killed peer loses peer-<r>.json), and a longer grace costs
+# nothing. It also covers a peer still lingering for its readers after its last step (60 s).
 PEER_STOP_GRACE_PERIOD = "90s"
 # The compose file and the Prometheus/Grafana files it mounts, relative to the compose file.
 DEFAULT_PROMETHEUS_CONFIG_PATH = "./deploy/prometheus/prometheus.yml"

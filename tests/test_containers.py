@@ -259,7 +259,7 @@ def test_override_changes_only_the_prometheus_image() -> None:
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     assert set(SERVICES) < set(compose["services"]), "the services the test starts"
     for service in PEERS:
-        # longer than a stopped peer's linger (60 s), or compose SIGKILLs it meanwhile
+        # not compose's 10 s: a stopped peer checkpoints, writes its result file, then exits
         assert compose["services"][service]["stop_grace_period"] == "90s"
 
 
