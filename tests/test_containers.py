@@ -116,6 +116,12 @@ class Cluster:
         assert len(names) == 1, f"service {service}: containers {names}"
         return names[0]
 
+    def stop_peers(self) -> None:
+        """SIGTERM every peer at once (podman stops the containers in parallel; a peer stopped
+        alone while its neighbours train leaves them waiting on its next step)."""
+        names = [self.container(service) for service in PEERS]
+        _podman("stop", "-t", "90", *names, timeout=180)
+
     def result_file(self, rank: int) -> dict[str, Any]:
         """``peer-<rank>.json`` from the peer's named volume."""
         mountpoint = _podman(
@@ -365,7 +371,7 @@ def test_compose_cluster_trains_resumes_and_leaves_nothing(
             _report(capsys, NO_REJOIN)
 
         # Restart every peer container: a graceful stop checkpoints to the named volume.
-        cluster.compose("stop", *PEERS)  # within the services' stop_grace_period
+        cluster.stop_peers()
         for service in PEERS:
             status = _podman("inspect", "--format", "{{.State.Status}} {{.State.ExitCode}}",
                              cluster.container(service)).split()  # fmt: skip
@@ -385,7 +391,7 @@ def test_compose_cluster_trains_resumes_and_leaves_nothing(
         _wait_for(cluster, "every peer trains on after its restart", resumed,
                   CLUSTER_DEADLINE_SECONDS)  # fmt: skip
         accuracy = cluster.by_rank('last_over_time(decentlam_eval{metric="accuracy"}[10m])')
-        cluster.compose("stop", *PEERS)
+        cluster.stop_peers()
         final = {r: cluster.result_file(r) for r in range(len(PEERS))}
         lines = [
             "peer  stopped at  resumed from  final step  loss     iter ms  accuracy (last eval)"
