@@ -50,7 +50,8 @@ TRAINED_STEPS = MANIFEST.training.eval_every + 10
 RESUMED_STEPS = 20  # steps each peer must train after its restart
 # Failure detection and rejoin (peer/rejoin.py) let one peer restart while the others train;
 # without them the others time out on its fetches, and only a restart of every peer resumes.
-REJOIN = importlib.util.find_spec("peer.rejoin") is not None
+# Looked up in the tree the image is built from (an import could find another installed copy).
+REJOIN = (ROOT / "peer" / "rejoin.py").exists()
 NO_REJOIN = "one peer alone not restarted: this tree has no rejoin (peer/rejoin.py)"
 PREPARE_TIMEOUT_SECONDS = 900.0  # a fresh machine: apt, debootstrap, two image builds
 CLUSTER_DEADLINE_SECONDS = 360.0  # each wait on the cluster (a loaded 2-core machine)
