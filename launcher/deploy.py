@@ -38,6 +38,20 @@ PROMETHEUS_IMAGE = "prom/prometheus:v2.53.0"
 GRAFANA_IMAGE = "grafana/grafana:11.1.0"
 PROMETHEUS_PORT = 9090
 GRAFANA_PORT = 3000
+# Host ports of the published UIs: compose substitutes these variables (default: same port),
+# so a machine where 9090 or 3000 is taken, or a test, can pick another.
+PROMETHEUS_HOST_PORT_VARIABLE = "DECENTLAM_PROMETHEUS_PORT"
+GRAFANA_HOST_PORT_VARIABLE = "DECENTLAM_GRAFANA_PORT"
+# Torch threads per peer container. All peers of a compose file share one machine, and torch's
+# default of one thread per core in every peer oversubscribes it (steps ~10x slower, the same
+# as `decentlam launch` avoids); compose substitutes the variable, default 1.
+TORCH_THREADS_VARIABLE = "DECENTLAM_TORCH_THREADS"
+DEFAULT_TORCH_THREADS = 1
+# On SIGTERM a peer abandons its step, writes its checkpoint, closes its server and channels,
+# writes peer-<r>.json and exits 0, at once; compose's default of 10 s before SIGKILL is short
+# for that on a loaded machine (a killed peer loses peer-<r>.json), and a longer grace costs
+# nothing. It also covers a peer still lingering for its readers after its last step (60 s).
+PEER_STOP_GRACE_PERIOD = "90s"
 # The compose file and the Prometheus/Grafana files it mounts, relative to the compose file.
 DEFAULT_PROMETHEUS_CONFIG_PATH = "./deploy/prometheus/prometheus.yml"
 DEFAULT_GRAFANA_DIR = "./deploy/grafana"
@@ -201,6 +215,8 @@ def peer_service(manifest: Manifest, rank: int, image: str, manifest_source: str
             "DECENTLAM_MANIFEST": CONTAINER_MANIFEST_PATH,
             "DECENTLAM_RANK": str(rank),
             "DECENTLAM_OUT": CONTAINER_OUT_DIR,
+            TORCH_THREADS_VARIABLE: _variable(TORCH_THREADS_VARIABLE, DEFAULT_TORCH_THREADS),
+            "OMP_NUM_THREADS": _variable(TORCH_THREADS_VARIABLE, DEFAULT_TORCH_THREADS),
             "PYTHONUNBUFFERED": "1",
         },
         "volumes": [
@@ -208,6 +224,7 @@ def peer_service(manifest: Manifest, rank: int, image: str, manifest_source: str
             f"peer{rank}-data:{CONTAINER_OUT_DIR}",
         ],
         "restart": "on-failure",
+        "stop_grace_period": PEER_STOP_GRACE_PERIOD,
     }
     if spec.host != f"peer{rank}":
         # Other peers dial the manifest host name: make it resolve to this container.
@@ -225,6 +242,16 @@ def peer_service(manifest: Manifest, rank: int, image: str, manifest_source: str
     else:
         service["expose"] = [str(spec.port)]
     return service
+
+
+def _variable(name: str, default: object) -> str:
+    """``${NAME:-default}``: compose substitutes the environment's value, else ``default``."""
+    return f"${{{name}:-{default}}}"
+
+
+def _published_port(variable: str, port: int) -> str:
+    """``${VARIABLE:-port}:port``: the host port comes from the environment, else ``port``."""
+    return f"{_variable(variable, port)}:{port}"
 
 
 def compose_config(
@@ -267,7 +294,7 @@ def compose_config(
             f"{prometheus_config_path}:/etc/prometheus/prometheus.yml:ro",
             "prometheus-data:/prometheus",
         ],
-        "ports": [f"{PROMETHEUS_PORT}:{PROMETHEUS_PORT}"],
+        "ports": [_published_port(PROMETHEUS_HOST_PORT_VARIABLE, PROMETHEUS_PORT)],
         "depends_on": peer_names,
         "restart": "unless-stopped",
     }
@@ -285,7 +312,7 @@ def compose_config(
             f"{grafana_dir}/dashboards:/etc/grafana/dashboards:ro",
             "grafana-data:/var/lib/grafana",
         ],
-        "ports": [f"{GRAFANA_PORT}:{GRAFANA_PORT}"],
+        "ports": [_published_port(GRAFANA_HOST_PORT_VARIABLE, GRAFANA_PORT)],
         "depends_on": ["prometheus"],
         "restart": "unless-stopped",
     }
@@ -320,5 +347,8 @@ def render_compose(
     header += (
         "# Start: docker compose up --build -d; Grafana http://localhost:3000, "
         "Prometheus http://localhost:9090\n"
+        f"# Variables: {GRAFANA_HOST_PORT_VARIABLE}, {PROMETHEUS_HOST_PORT_VARIABLE} "
+        "(host ports),\n"
+        f"#   {TORCH_THREADS_VARIABLE} (torch threads per peer, default {DEFAULT_TORCH_THREADS})\n"
     )
     return header + _dump_yaml(data)

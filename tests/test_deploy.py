@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -161,6 +162,7 @@ def test_compose_services_volumes_and_healthchecks() -> None:
             "--rank", str(rank), "--out", "/var/lib/decentlam",
         ]  # fmt: skip
         assert peer["environment"]["DECENTLAM_RANK"] == str(rank)
+        assert peer["environment"]["OMP_NUM_THREADS"] == "${DECENTLAM_TORCH_THREADS:-1}"
         assert "./deploy/compose-manifest.yaml:/etc/decentlam/manifest.yaml:ro" in peer["volumes"]
         assert f"peer{rank}-data:/var/lib/decentlam" in peer["volumes"]
         assert f"peer{rank}-data" in compose["volumes"]
@@ -169,14 +171,15 @@ def test_compose_services_volumes_and_healthchecks() -> None:
         assert "http://localhost:9100/metrics" in test[3]
     prometheus, grafana = services["prometheus"], services["grafana"]
     assert prometheus["image"].startswith("prom/prometheus")
-    assert "9090:9090" in prometheus["ports"]
+    assert "${DECENTLAM_PROMETHEUS_PORT:-9090}:9090" in prometheus["ports"]
     assert (
         "./deploy/prometheus/prometheus.yml:/etc/prometheus/prometheus.yml:ro"
         in prometheus["volumes"]
     )
     assert set(prometheus["depends_on"]) == {f"peer{r}" for r in range(4)}
     assert grafana["image"].startswith("grafana/grafana")
-    assert "3000:3000" in grafana["ports"] and grafana["depends_on"] == ["prometheus"]
+    assert "${DECENTLAM_GRAFANA_PORT:-3000}:3000" in grafana["ports"]
+    assert grafana["depends_on"] == ["prometheus"]
     assert grafana["environment"]["GF_AUTH_ANONYMOUS_ENABLED"] == "true"
     assert grafana["environment"]["GF_AUTH_ANONYMOUS_ORG_ROLE"] == "Viewer"
     mounts = {v.split(":")[0]: v.split(":")[1] for v in grafana["volumes"]}
@@ -277,7 +280,8 @@ def test_docker_compose_config_validates() -> None:
 
 def test_dockerfile_cpu_default_cuda_argument_entrypoint_and_healthcheck() -> None:
     text = (ROOT / "Dockerfile").read_text()
-    assert "ARG BASE=python:3.11-slim" in text and "FROM ${BASE}" in text
+    assert "ARG BASE_IMAGE=python:3.11-slim" in text and "FROM ${BASE_IMAGE}" in text
+    assert "ARG WHEELS_DIR=" in text  # the local wheel source of scripts/prepare-containers.sh
     assert "ARG TORCH_VERSION=2.13.0" in text and "ARG TORCH_INDEX=cpu" in text
     assert "https://download.pytorch.org/whl/${TORCH_INDEX}" in text
     assert "--build-arg TORCH_INDEX=cu" in text  # the CUDA build is documented
@@ -329,6 +333,11 @@ def _loopback_compose_manifest(path: Path) -> None:
     path.write_text(dump_manifest(manifest))
 
 
+def _substitute(value: str) -> str:
+    """What compose makes of ``${NAME:-default}``: the environment's value, else the default."""
+    return re.sub(r"\$\{(\w+):-([^}]*)\}", lambda m: os.environ.get(m[1], m[2]), value)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(110)
 def test_compose_peer_commands_form_a_working_cluster_on_loopback(tmp_path: Path) -> None:
@@ -350,8 +359,10 @@ def test_compose_peer_commands_form_a_working_cluster_on_loopback(tmp_path: Path
             argv = [mapping.get(arg, arg) for arg in service["command"]]
             env = {
                 **os.environ,
-                **{k: mapping.get(str(v), str(v)) for k, v in service["environment"].items()},
-                "OMP_NUM_THREADS": "1",
+                **{
+                    k: mapping.get(str(v), _substitute(str(v)))
+                    for k, v in service["environment"].items()
+                },
             }
             log = tmp_path / f"{name}.log"
             with open(log, "wb") as handle:
