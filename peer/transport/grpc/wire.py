@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -235,24 +236,34 @@ def header_to_pb(header: VersionHeader) -> pb.FetchResponse:
     )
 
 
-def decode_fetch_response(data: bytes) -> VersionHeader | memoryview | Malformed:
-    """Response deserializer of Fetch: a header, a chunk payload, or :class:`Malformed`.
+def _decode_header_or_chunk(data: bytes, message_type: Any, rpc: str) -> Any:
+    """The header message of a Fetch/GetState response, its chunk payload, or :class:`Malformed`.
 
-    Never raises: gRPC would turn a deserializer exception into an opaque INTERNAL status.
+    Both responses are ``oneof payload { header; chunk }``; chunks take the fast path.
     """
     chunk = _fast_chunk(data)
     if chunk is not None:
         return chunk
     try:
-        message = pb.FetchResponse.FromString(data)
+        message = message_type.FromString(data)
     except (DecodeError, ValueError) as exc:
-        return Malformed(f"undecodable Fetch message ({exc})")
+        return Malformed(f"undecodable {rpc} message ({exc})")
     kind = message.WhichOneof("payload")
     if kind == "chunk":
         return memoryview(message.chunk)
     if kind != "header":
-        return Malformed("Fetch message with neither header nor chunk")
-    h = message.header
+        return Malformed(f"{rpc} message with neither header nor chunk")
+    return message.header
+
+
+def decode_fetch_response(data: bytes) -> VersionHeader | memoryview | Malformed:
+    """Response deserializer of Fetch: a header, a chunk payload, or :class:`Malformed`.
+
+    Never raises: gRPC would turn a deserializer exception into an opaque INTERNAL status.
+    """
+    h = _decode_header_or_chunk(data, pb.FetchResponse, "Fetch")
+    if isinstance(h, (memoryview, Malformed)):
+        return h
     if h.checksum_kind not in CHECKSUM_NAMES:
         return Malformed(f"unsupported checksum kind {h.checksum_kind}")
     return VersionHeader(
@@ -543,19 +554,9 @@ def state_header_to_pb(header: StateHeader) -> pb.GetStateResponse:
 
 def decode_state_response(data: bytes) -> StateHeader | memoryview | Malformed:
     """Response deserializer of GetState (same chunk fast path as Fetch); never raises."""
-    chunk = _fast_chunk(data)
-    if chunk is not None:
-        return chunk
-    try:
-        message = pb.GetStateResponse.FromString(data)
-    except (DecodeError, ValueError) as exc:
-        return Malformed(f"undecodable GetState message ({exc})")
-    kind = message.WhichOneof("payload")
-    if kind == "chunk":
-        return memoryview(message.chunk)
-    if kind != "header":
-        return Malformed("GetState message with neither header nor chunk")
-    h = message.header
+    h = _decode_header_or_chunk(data, pb.GetStateResponse, "GetState")
+    if isinstance(h, (memoryview, Malformed)):
+        return h
     if h.checksum_kind not in CHECKSUM_NAMES or h.kind not in (STATE_BLOB, STATE_TENSORS):
         return Malformed(f"unsupported checksum kind {h.checksum_kind} or state kind {h.kind}")
     return StateHeader(
