@@ -46,10 +46,16 @@ from topology.manifest import dump_manifest, init_manifest
 
 
 def write_manifest(path: Path, args: argparse.Namespace, graph: str, algorithm: str) -> Path:
-    """A loopback manifest of ``args.nodes`` digits peers."""
+    """A loopback manifest of ``args.nodes`` digits peers.
+
+    Momentum 0.9 and lr 0.1, except DecentLaM on the one-peer exponential graph, where momentum
+    0.9 diverges at any lr (the manifest refuses it; docs/algorithms.md, "DecentLaM on
+    time-varying graphs"): momentum 0.6 and lr 0.125 there, as in examples/local-8-one-peer.yaml.
+    """
+    unstable = algorithm == "decentlam" and graph == "one-peer-exponential"
     manifest = init_manifest(
         args.nodes, graph, algorithm=algorithm, task="digits", steps=args.steps,
-        batch_size=32, lr=0.1, momentum=0.9, seed=0,
+        batch_size=32, lr=0.125 if unstable else 0.1, momentum=0.6 if unstable else 0.9, seed=0,
     )  # fmt: skip
     ports = free_ports(2 * args.nodes)
     peers = tuple(

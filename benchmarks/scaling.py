@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import sys
 import tempfile
@@ -36,10 +37,14 @@ sys.path.insert(0, str(REPO_ROOT))
 from tests.netns import NetnsHosts, netns_unavailable  # noqa: E402
 from topology.manifest import init_manifest  # noqa: E402
 
+# (algorithm, graph, momentum). DecentLaM with momentum 0.9 diverges on the time-varying
+# one-peer exponential graph (the manifest refuses it: topology.spectral.momentum_consensus_growth;
+# 8 peers are stable up to 0.70), so that row runs momentum 0.5; the communication, which is what
+# this benchmark times, does not depend on it.
 METHODS = {
-    "decentlam one-peer-exp": ("decentlam", "one-peer-exponential"),
-    "decentlam ring": ("decentlam", "ring"),
-    "pmsgd all-reduce": ("pmsgd", "ring"),
+    "decentlam one-peer-exp": ("decentlam", "one-peer-exponential", 0.5),
+    "decentlam ring": ("decentlam", "ring", 0.9),
+    "pmsgd all-reduce": ("pmsgd", "ring", 0.9),
 }
 
 
@@ -58,11 +63,11 @@ def run_once(
     hosts: NetnsHosts, method: str, args: argparse.Namespace, work: Path
 ) -> dict[str, Any]:
     """One cluster of ``hosts.n`` peers; returns the measurements."""
-    algorithm, graph = METHODS[method]
+    algorithm, graph, momentum = METHODS[method]
     n = hosts.n
     manifest = init_manifest(
         n, graph, hosts=[hosts.address(h) for h in range(n)], peers_per_host=1,
-        algorithm=algorithm, task="digits", steps=args.steps, lr=0.05, seed=0,
+        algorithm=algorithm, task="digits", steps=args.steps, lr=0.05, momentum=momentum, seed=0,
         task_options={"hidden": args.hidden, "batch_size": 32, "alpha": None},
     )  # fmt: skip
     data = manifest.to_dict()
@@ -156,6 +161,8 @@ def main() -> int:
     if reason:
         print(f"scaling.py: {reason}", file=sys.stderr)
         return 2
+    # A SIGTERM must still run the ``finally`` that deletes the namespaces.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     methods = [m.strip() for m in args.methods.split(",")]
     rows: list[dict[str, Any]] = []
     work = args.work or Path(tempfile.mkdtemp(prefix="decentlam-scaling-"))

@@ -31,13 +31,20 @@ LR = 0.05
 pytestmark = pytest.mark.slow
 
 
+def momentum(algorithm: str, graph: str) -> float:
+    """0.9, except DecentLaM on the one-peer exponential graph: the manifest refuses 0.9 there
+    (it diverges, see topology.spectral.momentum_consensus_growth); 4 peers are stable to 0.76."""
+    return 0.7 if (algorithm, graph) == ("decentlam", "one-peer-exponential") else 0.9
+
+
 def write_manifest(path: Path, *, algorithm: str, graph: str, steps: int = STEPS, **extra) -> Path:
     """A loopback manifest with free ports for a linreg run."""
     options = {"dim": 10, "samples_per_node": 50, "batch_size": 0, "dtype": "float64"}
     options.update(extra.pop("task_options", {}))
     manifest = init_manifest(
         N, graph, weights="uniform", algorithm=algorithm, task="linreg", task_options=options,
-        steps=steps, lr=LR, momentum=0.9, seed=3, dtype="float64", **extra,
+        steps=steps, lr=LR, momentum=momentum(algorithm, graph), seed=3, dtype="float64",
+        **extra,
     )  # fmt: skip
     ports = free_ports(2 * N)
     peers = tuple(
@@ -88,7 +95,12 @@ def test_real_peers_equal_simulator(tmp_path: Path, algorithm: str, graph: str) 
     manifest = load_manifest(manifest_path)
     problem = LinearRegressionProblem(n=N, dim=10, samples_per_node=50, seed=3)
     sim = Simulator(
-        algorithm, manifest.build_topology(), problem, lr=LR, momentum=0.9, dtype=torch.float64
+        algorithm,
+        manifest.build_topology(),
+        problem,
+        lr=LR,
+        momentum=momentum(algorithm, graph),
+        dtype=torch.float64,
     )
     sim.run(STEPS)
     rel = float((got - sim.params).norm() / sim.params.norm())

@@ -24,12 +24,14 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import re
 import typing
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
+import numpy as np
 from pydantic import (
     BeforeValidator,
     ConfigDict,
@@ -62,6 +64,7 @@ from topology.schema import (
     join_path,
     raise_manifest_errors,
 )
+from topology.spectral import max_stable_momentum, momentum_consensus_growth
 from topology.topology import Topology
 
 logger = logging.getLogger(__name__)
@@ -714,6 +717,10 @@ class Manifest:
                 "exchange",
                 "max_staleness",
             )
+        if self.training.algorithm == "decentlam" and staleness == 0:
+            problem = decentlam_instability(built, self.training, self.topology.graph)
+            if problem:
+                fail(problem, "training", "momentum")
         if self.exchange.retained_versions <= staleness:
             fail(
                 f"{self.exchange.retained_versions} must be > max_staleness ({staleness}), "
@@ -875,6 +882,54 @@ def _build(spec: TopologySpec, graph: Graph, n: int) -> Topology:
             hint += "try weights: metropolis)"
         raise ManifestError(f"topology.{where}: {exc}{hint}") from None
     return topology
+
+
+# Above these sizes the stability check is skipped (its eigenvalue problem grows as (2n)^3 and
+# the product over lcm(period, H) iterations with the period).
+_STABILITY_MAX_PEERS = 512
+_STABILITY_MAX_ITERATIONS = 512
+
+
+def decentlam_instability(topology: Topology, training: TrainingSpec, graph: str) -> str | None:
+    """Why synchronous DecentLaM cannot converge on ``topology`` with these settings, or None.
+
+    DecentLaM's momentum carries the mixing step; on a time-varying or non-symmetric ``W`` that
+    can make the disagreement between peers grow at every learning rate
+    (:func:`topology.spectral.momentum_consensus_growth`, docs/algorithms.md, "DecentLaM on
+    time-varying graphs"). The check covers one period of the graph, with the exact averages of
+    ``training.global_average_every`` included.
+
+    Returns:
+        A one-line explanation naming the growth factor, the largest stable momentum and the
+        alternatives; None when the recursion is stable or the check is out of range.
+    """
+    beta = float(training.momentum)
+    n = topology.n
+    if beta == 0.0 or n <= 2 or n > _STABILITY_MAX_PEERS:
+        return None
+    every = int(training.global_average_every)
+    length = topology.period
+    if every:
+        length = length * every // math.gcd(length, every)
+    if length > _STABILITY_MAX_ITERATIONS:
+        length, every = topology.period, 0  # without the global averages: conservative
+    average = np.full((n, n), 1.0 / n)
+    matrices = [
+        average if every and (k + 1) % every == 0 else topology.mixing_matrix(k)
+        for k in range(length)
+    ]
+    growth = momentum_consensus_growth(matrices, beta)
+    if growth < 1.0 - 1e-9:
+        return None
+    limit = max_stable_momentum(matrices)
+    return (
+        f"{beta:g} makes DecentLaM diverge on graph {graph!r} with {n} peers: its momentum "
+        f"carries the mixing step, and on this time-varying or non-symmetric W the "
+        f"disagreement between peers grows {growth:.3f}x per iteration at any learning rate "
+        f"(docs/algorithms.md, 'DecentLaM on time-varying graphs'); use momentum <= "
+        f"{limit:.2f}, a static symmetric graph (ring, torus, exponential: stable at any "
+        f"momentum), or algorithm dmsgd"
+    )
 
 
 def address_key(host: str) -> str:
