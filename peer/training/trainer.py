@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import statistics
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -82,6 +83,10 @@ class TrainResult:
     max_staleness_seen: int
     history: list[dict[str, float]] = field(default_factory=list)
     max_blocked_seconds: float = 0.0
+    # Steady-state figures: the first step also waits for the neighbours to start, which
+    # skews the mean of a short run.
+    median_iteration_seconds: float = math.nan
+    median_blocked_seconds: float = math.nan
     # Why the run ended before ``steps``: "signal" for a requested stop, else the one-line
     # error that made this peer give up (``failed`` is then true); None when it finished.
     stop_reason: str | None = None
@@ -346,6 +351,10 @@ class Trainer:
             max_staleness_seen=max_staleness_seen,
             history=history,
             max_blocked_seconds=max(blocked_times, default=0.0),
+            median_iteration_seconds=statistics.median(iteration_times)
+            if iteration_times
+            else math.nan,
+            median_blocked_seconds=statistics.median(blocked_times) if blocked_times else math.nan,
             stop_reason=stop_reason,
             failed=gave_up is not None,
         )
