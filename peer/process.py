@@ -341,6 +341,9 @@ def run_peer(options: PeerOptions) -> TrainResult:
         faults = FaultInjector.from_env(rank)
         comm = _start_communicator(manifest, me, topology, registry, token, options, stop)
         owned.callback(comm.close)
+        # Before the first fetch: a stall during start-up shows too. Unset before close.
+        comm.set_stall_listener(neighbor_up_listener(metrics))
+        owned.callback(comm.set_stall_listener, None)
         if faults.plan.drops:
             comm.set_link_filter(faults.link_cut)
         neighbours = frozenset(contacts(topology, rank, world_size, False))
@@ -438,6 +441,20 @@ def run_peer(options: PeerOptions) -> TrainResult:
         + f"; {path}",
     )
     return result
+
+
+def neighbor_up_listener(metrics: TrainingMetrics) -> Callable[[int, bool], None]:
+    """The stall listener that keeps ``decentlam_neighbor_up`` current while a step is blocked.
+
+    The transport calls it (:meth:`GrpcCommunicator.set_stall_listener`) when a link with a
+    fetch pending goes silent (0) and when it speaks again (1); the other writers of the gauge
+    (a mixed step, the membership at a step boundary, a peer giving up) are unchanged.
+    """
+
+    def listener(neighbor: int, stalled: bool) -> None:
+        metrics.set_neighbor_up(neighbor, not stalled)
+
+    return listener
 
 
 def _neighbours_ahead(comm: GrpcCommunicator) -> dict[int, int]:
