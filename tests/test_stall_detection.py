@@ -93,6 +93,23 @@ def test_answering_neighbour_is_not_stalled_and_failed_fetch_is_abandoned() -> N
         LinkProgress(0.0)
 
 
+def test_listener_leaves_a_neighbour_marked_down_at_zero() -> None:
+    registry = CollectorRegistry()
+    metrics = TrainingMetrics(registry, 0, process_collector=False)
+    down = {2}
+    listener = neighbor_up_listener(metrics, lambda r: r not in down)
+
+    def value(neighbor: int) -> float | None:
+        labels = {"rank": "0", "neighbor": str(neighbor)}
+        return registry.get_sample_value("decentlam_neighbor_up", labels)
+
+    for neighbor in (1, 2):
+        listener(neighbor, True)
+        assert value(neighbor) == 0.0
+        listener(neighbor, False)  # its link speaks again
+    assert value(1) == 1.0 and value(2) == 0.0  # 2 waits for the membership to re-admit it
+
+
 class PausableProxy:
     """TCP relay ``127.0.0.1:port -> 127.0.0.1:target``; :meth:`pause` holds every byte (the
     connections stay open) until :meth:`resume`. Every blocking call is bounded; :meth:`close`
