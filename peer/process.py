@@ -341,6 +341,12 @@ def run_peer(options: PeerOptions) -> TrainResult:
         faults = FaultInjector.from_env(rank)
         comm = _start_communicator(manifest, me, topology, registry, token, options, stop)
         owned.callback(comm.close)
+        # Before the first fetch: a stall during start-up shows too. Unset before close.
+        live_view = comm.membership
+        comm.set_stall_listener(
+            neighbor_up_listener(metrics, None if live_view is None else live_view.is_up)
+        )
+        owned.callback(comm.set_stall_listener, None)
         if faults.plan.drops:
             comm.set_link_filter(faults.link_cut)
         neighbours = frozenset(contacts(topology, rank, world_size, False))
@@ -438,6 +444,32 @@ def run_peer(options: PeerOptions) -> TrainResult:
         + f"; {path}",
     )
     return result
+
+
+def neighbor_up_listener(
+    metrics: TrainingMetrics, is_up: Callable[[int], bool] | None = None
+) -> Callable[[int, bool], None]:
+    """The stall listener that keeps ``decentlam_neighbor_up`` current while a step is blocked.
+
+    The transport calls it (:meth:`GrpcCommunicator.set_stall_listener`) when a link with a
+    fetch pending goes silent (0) and when it speaks again (1); the other writers of the gauge
+    (a mixed step, the membership at a step boundary, a peer giving up) are unchanged.
+
+    Args:
+        metrics: the peer's training metrics (owner of the gauge).
+        is_up: the live membership's view (``Membership.is_up``), or None in strict mode: a
+            neighbour it has marked down stays 0 when its silent link speaks again (it is
+            re-admitted at a step boundary, by the membership, not here).
+
+    Returns:
+        The listener.
+    """
+
+    def listener(neighbor: int, stalled: bool) -> None:
+        up = not stalled and (is_up is None or is_up(neighbor))
+        metrics.set_neighbor_up(neighbor, up)
+
+    return listener
 
 
 def _neighbours_ahead(comm: GrpcCommunicator) -> dict[int, int]:

@@ -518,6 +518,14 @@ class ExchangeSpec:
             description="A neighbour silent this long is marked down; the others go on.",
         ),
     ] = 5.0
+    stall_seconds: Annotated[
+        Number,
+        Field(
+            gt=0.0,
+            description="A neighbour silent this long (no bytes, no Info answer) while a fetch "
+            "from it is pending is reported stalled (neighbor_up 0) until it speaks again.",
+        ),
+    ] = 2.0
     wire_dtype: Annotated[
         WireDtype,
         Field(

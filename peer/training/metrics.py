@@ -108,7 +108,7 @@ class TrainingMetrics:
         ).labels(self.rank)
         self._neighbor_up = Gauge(
             "decentlam_neighbor_up",
-            "1 if the neighbour answered the last exchange, else 0.",
+            "1 if the neighbour answered the last exchange and its link is not stalled, else 0.",
             ("rank", "neighbor"),
             registry=registry,
         )

@@ -4,7 +4,8 @@ Stacked from the wire up: :mod:`~.framing` (chunking, checksums) and :mod:`~.wir
 headers to domain objects, reassembly) on the generated stubs in :mod:`~.proto`;
 :mod:`~.store` (the retained published versions); :mod:`~.server` (the servicer) and
 :mod:`~.client` (one channel per neighbour), with :mod:`~.security` (tokens, TLS),
-:mod:`~.throttle` (bandwidth caps) and :mod:`~.metrics` (per-edge Prometheus collectors);
+:mod:`~.throttle` (bandwidth caps), :mod:`~.metrics` (per-edge Prometheus collectors) and
+:mod:`~.progress` (per-neighbour progress of the fetches in flight, the stall decision);
 :mod:`~.node` (the asyncio core: server + clients in one loop); :mod:`~.communicator`
 (:class:`~.communicator.GrpcCommunicator`, the synchronous Communicator facade).
 

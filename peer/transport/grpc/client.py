@@ -7,7 +7,8 @@ wire dtype is widened chunk by chunk into the same buffer), validates every mess
 :class:`peer.transport.grpc.wire.RangeAssembler`, and, for large vectors, splits the payload into
 byte ranges fetched as parallel streams on the same channel. UNAVAILABLE is retried with
 exponential backoff inside the fetch deadline; every other failure maps to a typed
-:mod:`peer.errors` exception.
+:mod:`peer.errors` exception. Every message and answer that arrives, and every fetch in flight,
+is reported to the peer's :class:`~peer.transport.grpc.progress.LinkProgress` (stall detection).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from peer.errors import (
 )
 from peer.transport.grpc.framing import checksum, chunk_count, split_ranges
 from peer.transport.grpc.metrics import ExchangeMetrics
+from peer.transport.grpc.progress import LinkProgress
 from peer.transport.grpc.proto.decentlam.v1 import peer_pb2 as pb
 from peer.transport.grpc.security import TlsConfig, call_metadata, channel_credentials
 from peer.transport.grpc.server import OLDEST_STEP_KEY, SERVER_MIN_PING_INTERVAL_MS
@@ -122,6 +124,8 @@ class PeerClient:
     instead: each range is read by a worker thread blocked in grpc's C core, which costs less CPU
     per byte than the asyncio reader here (no event-loop wake-up per message;
     benchmarks/exchange.py, README "Exchange engine").
+    ``progress``, when given, is stamped with every message or answer that arrives from the
+    neighbour and told of every fetch in flight to it.
     """
 
     def __init__(
@@ -134,8 +138,10 @@ class PeerClient:
         metrics: ExchangeMetrics,
         range_channels: tuple[grpc.aio.Channel, ...] = (),
         blocking_channels: tuple[grpc.Channel, ...] = (),
+        progress: LinkProgress | None = None,
     ) -> None:
         self.rank = rank
+        self.progress = progress
         self.neighbor = neighbor
         self.address = address
         self.metrics = metrics
@@ -172,6 +178,7 @@ class PeerClient:
         metrics: ExchangeMetrics,
         channels: int = 1,
         blocking_receive: bool = False,
+        progress: LinkProgress | None = None,
     ) -> PeerClient:
         """Open the channel(s) to ``neighbor`` at ``address`` (connect lazily).
 
@@ -186,6 +193,7 @@ class PeerClient:
             channels: TCP connections to open; parallel range streams spread over them.
             blocking_receive: read Fetch streams in worker threads over synchronous channels
                 (``channels`` of them, besides the asyncio channel kept for the other calls).
+            progress: this peer's link progress tracker, or None.
 
         Returns:
             The client.
@@ -216,11 +224,11 @@ class PeerClient:
         # with equal arguments would otherwise share one).
         if blocking_receive:
             blocking = tuple(open_blocking_channel() for _ in range(channels))
-            return cls(rank, neighbor, address, channel, token, metrics, (), blocking)
+            return cls(rank, neighbor, address, channel, token, metrics, (), blocking, progress)
         extra = tuple(
             open_channel([("grpc.use_local_subchannel_pool", 1)]) for _ in range(channels - 1)
         )
-        return cls(rank, neighbor, address, channel, token, metrics, extra)
+        return cls(rank, neighbor, address, channel, token, metrics, extra, (), progress)
 
     async def close(self) -> None:
         """Close the channel(s) (in-flight calls are cancelled)."""
@@ -241,7 +249,13 @@ class PeerClient:
             )
         except grpc.aio.AioRpcError as exc:
             raise to_exchange_error(exc, self.neighbor, None, None, "Info") from None
+        self._arrived()
         return info_from_pb(response)
+
+    def _arrived(self) -> None:
+        """Something came from the neighbour: stamp the progress tracker."""
+        if self.progress is not None:
+            self.progress.arrived(self.neighbor)
 
     async def _stream_range(
         self,
@@ -260,6 +274,7 @@ class PeerClient:
         call = fetch(query_to_pb(query), timeout=timeout, metadata=self._metadata)
         try:
             async for message in call:
+                self._arrived()
                 assembler.feed(message)
                 header = assembler.header  # feed() accepts chunks only after the header
                 if header_seen is not None and header is not None and not header_seen.done():
@@ -292,6 +307,7 @@ class PeerClient:
         def read() -> None:
             try:
                 for message in call:
+                    self._arrived()
                     assembler.feed(message)
                     if header_seen is not None and assembler.received_chunks == 0:
                         assert assembler.header is not None  # feed() requires it first
@@ -427,7 +443,6 @@ class PeerClient:
         Raises:
             ExchangeTimeout, StepEvicted, AuthError, WireError, PeerUnavailable.
         """
-        loop = asyncio.get_running_loop()
         wire = "" if wire_dtype in ("", dtype) else wire_dtype
         if wire:
             if widen_into is None:
@@ -438,6 +453,33 @@ class PeerClient:
             self.neighbor, name, min_step, step, dtype, shape, 0, 0, chunk_bytes,
             wire_dtype=wire, verify=verify_checksum,
         )  # fmt: skip
+        if self.progress is not None:
+            self.progress.fetch_started(self.neighbor)
+        try:
+            return await self._fetch_with_retries(
+                name, step, min_step, dest, like, chunk_bytes, parallel_streams, deadline,
+                backoff_seconds, max_retries, widen_into if wire else None,
+            )  # fmt: skip
+        finally:
+            if self.progress is not None:
+                self.progress.fetch_ended(self.neighbor)
+
+    async def _fetch_with_retries(
+        self,
+        name: str,
+        step: int,
+        min_step: int,
+        dest: memoryview,
+        like: Expectation,
+        chunk_bytes: int,
+        parallel_streams: int,
+        deadline: float,
+        backoff_seconds: float,
+        max_retries: int,
+        widen_into: torch.Tensor | None,
+    ) -> FetchResult:
+        """:meth:`fetch_into`'s attempts: UNAVAILABLE retried with backoff inside ``deadline``."""
+        loop = asyncio.get_running_loop()
         retries = 0
         while True:
             timeout = deadline - loop.time()
@@ -458,7 +500,7 @@ class PeerClient:
                     chunk_bytes,
                     parallel_streams,
                     timeout,
-                    widen_into if wire else None,
+                    widen_into,
                 )
                 return FetchResult(header.step, nbytes, chunks, retries, header.live_neighbors)
             except grpc.aio.AioRpcError as exc:

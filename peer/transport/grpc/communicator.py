@@ -540,6 +540,21 @@ class GrpcCommunicator(Communicator):
         results = self._loop_thread.run(probe_all(), timeout + 1.0)
         return {r: info for r, info in results.items() if isinstance(info, PeerInfo)}
 
+    def set_stall_listener(self, listener: Callable[[int, bool], None] | None) -> None:
+        """Be told when a link stalls and when it speaks again (``exchange.stall_seconds``).
+
+        ``listener(neighbor, stalled)`` is called on the transport's event loop, while the
+        training thread may be blocked on the stalled fetch: ``True`` once the neighbour has
+        sent nothing and answered no Info for ``stall_seconds`` with a fetch from it pending,
+        ``False`` when something arrives from it again. A stalled fetch that fails instead is
+        not reported here (its error goes to the caller as usual). It must not block.
+        """
+        self._node.stall_listener = listener
+
+    def stalled_neighbors(self) -> dict[int, float]:
+        """``{neighbour: seconds silent}`` of the links stalled now."""
+        return self._node.progress.stalled()
+
     def set_link_filter(self, link_cut: Callable[[int, int, int], bool] | None) -> None:
         """Fault injection: ``link_cut(src, dst, step)`` True makes fetches and probes of
         ``src`` by this peer (``dst``) fail as if ``src`` were unreachable."""

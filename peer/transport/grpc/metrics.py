@@ -75,6 +75,12 @@ class ExchangeMetrics:
             (*EDGE_LABELS, "code"),
             registry=registry,
         )
+        self.stalls = Counter(
+            "decentlam_neighbor_stalls",
+            "Times a neighbour with a fetch pending went silent for exchange.stall_seconds.",
+            EDGE_LABELS,
+            registry=registry,
+        )
         self.wait_seconds = Histogram(
             "decentlam_exchange_wait_seconds",
             "Time the training thread spent blocked in handle.wait.",
@@ -110,6 +116,10 @@ class ExchangeMetrics:
     def failed(self, neighbor: int, code: str) -> None:
         """Record one failed fetch from ``neighbor`` with gRPC status name ``code``."""
         self.errors.labels(self.rank, str(neighbor), code).inc()
+
+    def stalled(self, neighbor: int) -> None:
+        """Record one stall of ``neighbor`` (silent with a fetch pending)."""
+        self.stalls.labels(self.rank, str(neighbor)).inc()
 
     def waited(self, seconds: float) -> None:
         """Record time spent blocked in ``handle.wait``."""

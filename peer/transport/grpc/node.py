@@ -11,6 +11,12 @@ With ``failure_detection_seconds`` set, an exchange never fails because of one n
 connection or answers UNAVAILABLE is marked down in this peer's :class:`Membership`, the step
 goes on with the neighbours that answered, and down neighbours are probed (Info, short deadline)
 in the background and re-admitted by the pure rules of :mod:`topology.live`.
+
+Whatever the mode, a link that goes silent while a fetch is pending is reported as soon as it
+has been silent for ``stall_seconds`` (:meth:`PeerNode.watch_stalls`, the decisions of
+:mod:`peer.transport.grpc.progress`): a warning naming the neighbour, the
+``decentlam_neighbor_stalls_total`` counter, and the stall listener (the peer process sets
+``decentlam_neighbor_up`` from it); the fetch itself goes on until it delivers or its deadline.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from peer.transport.base import TopologyLike
 from peer.transport.grpc.allocator import tune_malloc
 from peer.transport.grpc.client import PeerClient
 from peer.transport.grpc.metrics import ExchangeMetrics
+from peer.transport.grpc.progress import LinkProgress, StallEvent, StallState
 from peer.transport.grpc.security import ReadPolicy, TlsConfig
 from peer.transport.grpc.server import PeerServicer, ServedPeer, create_server
 from peer.transport.grpc.store import VersionStore, byte_view, wire_dtype_for
@@ -55,6 +62,9 @@ logger = logging.getLogger(__name__)
 MIB = 1 << 20
 # Retries of an UNAVAILABLE fetch in live mode (backoff 0.05 s, 0.1 s) before marking it down.
 LIVE_MAX_RETRIES = 2
+# The stall watch looks at the fetches in flight this often at most (a quarter of
+# stall_seconds when that is shorter), so a stall is reported within this of its threshold.
+STALL_CHECK_MAX_INTERVAL_SECONDS = 0.25
 
 
 #: The manifest's ``exchange`` section with every default: the one definition (type, range,
@@ -105,6 +115,9 @@ class ExchangeConfig:
             (less client CPU per byte at 1 MiB chunks in benchmarks/exchange.py, but one more
             thread competing with training for the GIL); False (default) reads them on the
             peer's event loop.
+        stall_seconds: a neighbour with a fetch pending that sends nothing and answers no Info
+            for this long is reported stalled (log, ``decentlam_neighbor_stalls_total``, the
+            stall listener) until something arrives from it again; the fetch goes on.
         tune_malloc: raise glibc's malloc trim threshold for the process so received chunks
             reuse warm memory instead of page-faulting (:mod:`~.allocator`; halves the
             client's CPU per large fetch here).
@@ -133,6 +146,7 @@ class ExchangeConfig:
     probe_interval_seconds: float = 0.5
     known_names: tuple[str, ...] | None = None
     wire_dtype: str = _SPEC.wire_dtype
+    stall_seconds: float = _SPEC.stall_seconds
     verify_checksums: bool | None = None
     tune_malloc: bool = True
     channels_per_neighbor: int = 1
@@ -194,6 +208,7 @@ MANIFEST_SETTINGS: tuple[str, ...] = (
     "bandwidth_bytes_per_second",
     "parallel_streams",
     "wire_dtype",
+    "stall_seconds",
 )
 
 
@@ -322,6 +337,11 @@ class PeerNode:
         # Fault injection (peer.faults): (src, dst, step) -> True when the link is cut.
         self.link_cut: Callable[[int, int, int], bool] | None = None
         self._probes: set[asyncio.Task[None]] = set()
+        self.progress = LinkProgress(config.stall_seconds)
+        # Called on the event loop with (neighbour, True) when it stalls, (neighbour, False)
+        # when it speaks again; must not block.
+        self.stall_listener: Callable[[int, bool], None] | None = None
+        self._stall_watch: asyncio.Task[None] | None = None
 
     @classmethod
     async def create(
@@ -362,6 +382,7 @@ class PeerNode:
             max_message_bytes=config.max_message_bytes,
         )
         await node.server.start()
+        node._stall_watch = asyncio.ensure_future(node.watch_stalls())
         return node
 
     async def set_peers(self, peers: Mapping[int, str]) -> None:
@@ -382,6 +403,7 @@ class PeerNode:
                 metrics=self.served.metrics,
                 channels=self.config.channels_per_neighbor,
                 blocking_receive=self.config.blocking_receive,
+                progress=self.progress,
             )
             if old is not None:
                 await old.close()
@@ -586,6 +608,67 @@ class PeerNode:
             return
         membership.answered(rank, info.current_step, self.served.current_step)
 
+    async def watch_stalls(self) -> None:
+        """Report stalled links until cancelled (runs on the loop from :meth:`create`)."""
+        interval = min(STALL_CHECK_MAX_INTERVAL_SECONDS, self.config.stall_seconds / 4)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                self.check_stalls()
+            except Exception:  # a broken listener must not end the watch
+                logger.exception("peer %d: stall check failed", self.rank)
+
+    def check_stalls(self) -> None:
+        """One look at the fetches in flight: report transitions, start the probes asked for."""
+        outcome = self.progress.check()
+        for event in outcome.events:
+            self._report_stall(event)
+        for rank in outcome.probe:
+            client = self.clients.get(rank)
+            if client is None:
+                self.progress.probe_done(rank)
+                continue
+            task = asyncio.ensure_future(self._probe_silent(rank, client))
+            self._probes.add(task)
+            task.add_done_callback(self._probes.discard)
+
+    def _address(self, rank: int) -> str:
+        client = self.clients.get(rank)
+        return "no known address" if client is None else client.address
+
+    def _report_stall(self, event: StallEvent) -> None:
+        rank = event.neighbor
+        if event.state is StallState.STALLED:
+            self.served.metrics.stalled(rank)
+            logger.warning(
+                "neighbour %d (%s) silent for %.1f s with a fetch pending: stalled "
+                "(exchange.stall_seconds %.3g; the fetch goes on)",
+                rank, self._address(rank), event.silent_seconds, self.config.stall_seconds,
+            )  # fmt: skip
+        elif event.state is StallState.RESUMED:
+            logger.warning(
+                "neighbour %d (%s) speaks again after %.1f s of silence: stall over",
+                rank, self._address(rank), event.silent_seconds,
+            )  # fmt: skip
+        else:
+            logger.info(
+                "neighbour %d (%s): the stalled fetch ended without data after %.1f s",
+                rank, self._address(rank), event.silent_seconds,
+            )  # fmt: skip
+            return  # the fetch's own error path says what happened to the neighbour
+        if self.stall_listener is not None:
+            self.stall_listener(rank, event.state is StallState.STALLED)
+
+    async def _probe_silent(self, rank: int, client: PeerClient) -> None:
+        """Info to a neighbour silent with a fetch pending: an answer is progress (the client
+        stamps it), so a neighbour that is alive but has not published yet is not stalled."""
+        try:
+            await client.call_info(self.config.stall_seconds / 2)
+        except ExchangeError as exc:
+            logger.debug("stall probe of peer %d: %s", rank, exc)
+        finally:
+            self.progress.probe_done(rank)
+
     async def close(self) -> None:
         """Stop the server (with grace), close every channel and release them, on the loop.
 
@@ -594,6 +677,9 @@ class PeerNode:
         runs; left to interpreter exit, it happens after the loop is gone, which can hang the
         process (grpc/grpc#40447).
         """
+        if self._stall_watch is not None:
+            self._stall_watch.cancel()
+            self._stall_watch = None
         for task in list(self._probes):
             task.cancel()
         server, self.server = self.server, None
