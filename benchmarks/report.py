@@ -664,8 +664,9 @@ def write_page(sections: Sequence[Section], args: argparse.Namespace, page: Path
         f"- last run: {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC, {mode} mode, sections "
         f"{', '.join(keys)}",
         f"- machine: {machine_line()}",
-        "- the machine was shared with other heavy jobs while this ran (load averages are "
-        "given per section): **timings are off**, accuracies and errors are not affected.",
+        f"- load averages are given per section: where they are above the machine's "
+        f"{os.cpu_count()} cores, other jobs shared it and **timings are inflated**; "
+        "accuracies and errors are not affected.",
         "- out of reach here: no GPU (every run is on CPU), no Docker engine (the compose "
         "deployment is not exercised).",
         "",

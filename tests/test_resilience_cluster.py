@@ -30,7 +30,6 @@ def launch(tmp_path: Path, steps: int, faults: str, *flags: str) -> tuple[int, s
         **os.environ,
         "PYTHONUNBUFFERED": "1",
         "DECENTLAM_FAULTS": faults,
-        "DECENTLAM_FAILURE_DETECTION_SECONDS": "2",
     }
     done = subprocess.run(
         [sys.executable, "-m", "launcher.cli", "launch", "--manifest", str(manifest),

@@ -40,6 +40,22 @@ class FakeClock:
         return self.now
 
 
+def test_most_silent_pending_neighbour_is_the_one_blamed() -> None:
+    clock = FakeClock()
+    progress = LinkProgress(2.0, clock)
+    progress.fetch_started(1)
+    progress.fetch_started(4)
+    clock.now += 1.0
+    progress.arrived(1)  # peer 1 is streaming; peer 4 has said nothing since the fetch began
+    clock.now += 1.0
+    assert progress.most_silent({1, 4}) == 4
+    assert progress.most_silent({1, 4, 6}) == 6  # never heard from at all
+    progress.arrived(4)
+    clock.now += 0.5
+    assert progress.most_silent([4, 1]) == 1  # peer 1 spoke earlier than peer 4 did
+    assert progress.most_silent(()) is None
+
+
 def test_silent_pending_fetch_stalls_once_and_resumes_on_arrival() -> None:
     clock = FakeClock()
     progress = LinkProgress(2.0, clock)

@@ -33,7 +33,7 @@ import concurrent.futures
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -145,7 +145,10 @@ class GrpcHandle(Handle):
             except BaseException:
                 self.stats.wait_seconds += time.monotonic() - entered
                 if not self._future.done():  # still in flight after the caller's timeout
-                    src = min(self._pending, default=min(self._weights))
+                    # Blame the pending neighbour silent longest, not the lowest rank.
+                    src = self._comm.most_silent(self._pending)
+                    if src is None:
+                        src = min(self._weights)
                     waited = time.monotonic() - self._started
                     raise ExchangeTimeout(
                         f"no {self._name!r} step {self._step} from peer {src} within "
@@ -550,6 +553,11 @@ class GrpcCommunicator(Communicator):
         not reported here (its error goes to the caller as usual). It must not block.
         """
         self._node.stall_listener = listener
+
+    def most_silent(self, candidates: Iterable[int]) -> int | None:
+        """Of ``candidates``, the neighbour that has sent nothing for longest (see
+        :meth:`~peer.transport.grpc.progress.LinkProgress.most_silent`)."""
+        return self._node.progress.most_silent(candidates)
 
     def stalled_neighbors(self) -> dict[int, float]:
         """``{neighbour: seconds silent}`` of the links stalled now."""

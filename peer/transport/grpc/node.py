@@ -170,6 +170,10 @@ class ExchangeConfig:
             )
         if self.failure_detection_seconds is not None and self.failure_detection_seconds <= 0:
             raise ValueError("failure_detection_seconds must be positive (or None)")
+        if self.channels_per_neighbor < 1:
+            raise ValueError(
+                f"channels_per_neighbor must be >= 1, got {self.channels_per_neighbor}"
+            )
 
     def membership_policy(self) -> MembershipPolicy | None:
         """The live-membership policy, or None in strict mode."""
@@ -181,10 +185,6 @@ class ExchangeConfig:
             readmit_margin_steps=max(0, min(2, self.retained_versions - 2)),
             behind_steps=max(1, self.retained_versions),
         )
-        if self.channels_per_neighbor < 1:
-            raise ValueError(
-                f"channels_per_neighbor must be >= 1, got {self.channels_per_neighbor}"
-            )
 
     @classmethod
     def from_spec(cls, spec: ExchangeSpec, **transport: Any) -> ExchangeConfig:

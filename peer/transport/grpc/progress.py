@@ -31,7 +31,7 @@ import enum
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 logger = logging.getLogger(__name__)
@@ -148,6 +148,21 @@ class LinkProgress:
                 for r, link in sorted(self._links.items())
                 if link.stalled_at is not None
             }
+
+    def most_silent(self, candidates: Iterable[int]) -> int | None:
+        """The neighbour among ``candidates`` that has been silent longest (lowest rank on ties).
+
+        Silence counts from the later of its last arrival and the start of its oldest pending
+        fetch; a neighbour never fetched from counts as silent since forever. This is the one to
+        blame for an exchange still waiting on several neighbours: the others were answering.
+        """
+        with self._lock:
+            ranked = [
+                (max(link.last_arrival, link.waiting_since) if link else float("-inf"), rank)
+                for rank in candidates
+                for link in (self._links.get(rank),)
+            ]
+        return min(ranked)[1] if ranked else None
 
     def pending(self, neighbor: int) -> int:
         """Fetches to ``neighbor`` in flight."""
