@@ -138,3 +138,16 @@ def test_manifest_refuses_unstable_decentlam_and_names_the_fix() -> None:
 )  # fmt: skip
 def test_manifest_accepts_stable_settings(training: dict) -> None:
     assert _manifest(**dict(training)).world_size == 8
+
+
+def test_simulate_warns_about_unstable_decentlam(capsys: pytest.CaptureFixture[str]) -> None:
+    from launcher.cli import main
+
+    argv = ["simulate", "--nodes", "8", "--weights", "uniform", "--algorithms", "decentlam",
+            "--steps", "5"]  # fmt: skip
+    assert main([*argv, "--graph", "one-peer-exponential"]) == 0
+    err = capsys.readouterr().err
+    assert "DecentLaM with momentum 0.9 diverges on 'one-peer-exponential'" in err
+    assert "stable up to momentum 0.70" in err
+    assert main([*argv, "--graph", "ring"]) == 0
+    assert "diverges" not in capsys.readouterr().err

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -187,6 +188,25 @@ def _plot(rows: list[dict[str, Any]], path: Path, ylabel: str, title: str) -> No
     plt.close(fig)
 
 
+def _warn_if_unstable(topology: Any, args: argparse.Namespace) -> None:
+    """Say so when DecentLaM's momentum makes it diverge on this graph (the manifest refuses it;
+    the simulator runs it anyway, to show what happens)."""
+    from topology.spectral import max_stable_momentum, momentum_consensus_growth
+
+    if not 0.0 < args.momentum < 1.0 or topology.n > 512:
+        return
+    matrices = topology.mixing_matrices()
+    growth = momentum_consensus_growth(matrices, args.momentum)
+    if growth >= 1.0 - 1e-9:
+        print(
+            f"warning: DecentLaM with momentum {args.momentum:g} diverges on {args.graph!r} with "
+            f"{args.nodes} peers (disagreement x{growth:.3f} per iteration at any lr; stable up to "
+            f"momentum {max_stable_momentum(matrices):.2f}; docs/algorithms.md); a manifest "
+            f"with these settings is refused",
+            file=sys.stderr,
+        )
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the comparison; print the table; write ``result.json`` and ``error.png``."""
     import torch
@@ -195,6 +215,8 @@ def run(args: argparse.Namespace) -> int:
 
     names = _validate(args)
     topology, problem, schedule = _build(args)
+    if "decentlam" in names:
+        _warn_if_unstable(topology, args)
     dtype = torch.float64 if args.dtype == "float64" else torch.float32
     record_every = max(1, args.steps // 1000)
     rows = []
