@@ -113,9 +113,10 @@ def reference_run(
                 new_x[i] = sum(w[i, j] * (x[j] - gamma * m[j]) for j in range(n))
         elif method == "decentlam":
             psi = [x[j] - gamma * g[j] for j in range(n)]
+            correction = (lr(k - 1) if k > 0 else gamma) / gamma  # gamma_{k-1} / gamma_k
             for i in range(n):
                 gt = (x[i] - sum(w[i, j] * psi[j] for j in range(n))) / gamma
-                m[i] = beta * m[i] + gt
+                m[i] = beta * correction * m[i] + gt
                 new_x[i] = x[i] - gamma * m[i]
         elif method == "awc-dmsgd":
             for i in range(n):

@@ -85,7 +85,7 @@ def test_rule_at_zero_staleness_is_decentlam_bit_for_bit() -> None:
     for step in range(3):
         plain.apply(xa, g, sa, 0.1, mixed, step)
         zero.apply(xb, g, sb, 0.1, mixed, step)
-    assert torch.equal(xa, xb) and torch.equal(sa["momentum"], sb["momentum"])
+    assert torch.equal(xa, xb) and torch.equal(sa["velocity"], sb["velocity"])
     assert not make_rule("decentlam", 0.9, max_staleness=1).damps_stale_weights
     assert make_rule("dmsgd", 0.9, max_staleness=1).damps_stale_weights
 

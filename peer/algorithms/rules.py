@@ -195,7 +195,13 @@ class DecentLaMRule(_MomentumRule):
 
     ``psi_j = x_j - gamma g_j`` is sent; ``gt_i = (x_i - sum_j w_ij psi_j) / gamma``;
     ``m_i <- beta m_i + gt_i``; ``x_i <- x_i - gamma m_i`` -- with the current ``gamma_k``
-    everywhere.
+    everywhere, and the momentum corrected when the learning rate changes (Goyal et al. 2017):
+    ``m_i <- beta (gamma_{k-1} / gamma_k) m_i + gt_i``. The state holds the velocity
+    ``u_i = gamma_k m_i``, so the update reads ``u_i <- beta u_i + (x_i - sum_j w_ij psi_j)``,
+    ``x_i <- x_i - u_i``: the closed form ``x^{k+1} = W (x^k - gamma_k g^k) + beta (x^k -
+    x^{k-1})`` under any schedule (without the correction, a warmup multiplies the momentum by
+    ``gamma_k / gamma_{k-1}`` -- 2 at its second step -- and the consensus correction it carries
+    overshoots: docs/algorithms.md, "DecentLaM under a learning-rate schedule").
 
     With a staleness bound ``T > 0`` the update is ``m_i <- beta' m_i + alpha gt_i`` with
     ``(alpha, beta') = stable_coefficients(beta, T)`` (docs/async-decentlam.md): the fixed point
@@ -210,6 +216,7 @@ class DecentLaMRule(_MomentumRule):
 
     name = "decentlam"
     damps_stale_weights: ClassVar[bool] = False
+    state_names: ClassVar[tuple[str, ...]] = ("velocity",)
 
     def __init__(self, momentum: float = DEFAULT_MOMENTUM, max_staleness: int = 0) -> None:
         super().__init__(momentum)
@@ -227,15 +234,12 @@ class DecentLaMRule(_MomentumRule):
         self, x: Tensor, g: Tensor, state: State, lr: float, mixed: Tensor, step: int
     ) -> None:
         _require_positive(lr, self.name)
-        corrected_gradient = (x - mixed) / lr
-        momentum = state["momentum"]
+        velocity = state["velocity"]  # gamma_k m_k: lr * corrected gradient = x - mixed
         if self.max_staleness == 0:
-            momentum.mul_(self.momentum).add_(corrected_gradient)
+            velocity.mul_(self.momentum).add_(x - mixed)
         else:
-            momentum.mul_(self.effective_momentum).add_(
-                corrected_gradient, alpha=self.gradient_scale
-            )
-        x.sub_(lr * momentum)
+            velocity.mul_(self.effective_momentum).add_(x - mixed, alpha=self.gradient_scale)
+        x.sub_(velocity)
 
     def __repr__(self) -> str:
         if self.max_staleness == 0:

@@ -443,6 +443,11 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         if list(state_dict["layout"]) != layout:
             raise ValueError(f"parameter layout {state_dict['layout']} does not match {layout}")
         for group, saved in zip(self._groups, state_dict["flat_state"], strict=True):
+            if set(saved) != set(group.state):
+                raise ValueError(
+                    f"state buffers {sorted(saved)} do not match {self.rule.name}'s "
+                    f"{sorted(group.state)} (saved by another version of decentlam)"
+                )
             for name, value in group.state.items():
                 value.copy_(saved[name])
         for param_group, saved_group in zip(
