@@ -244,3 +244,18 @@ def test_closure_loss_is_returned() -> None:
 
     assert float(optimizer.step(closure).detach()) == 2.0
     assert torch.equal(x.detach(), torch.zeros(2))
+
+
+def test_state_from_another_version_is_refused_by_name() -> None:
+    """A DecentLaM checkpoint that holds ``momentum`` (before the velocity form) is refused."""
+    import torch.nn as nn
+
+    from peer.training.optim import DecentLaM
+
+    model = nn.Linear(3, 2)
+    fabric = InMemoryFabric(1, MatrixTopology([np.ones((1, 1))]))
+    optimizer = DecentLaM(model.parameters(), lr=0.1, communicator=fabric.communicator(0))
+    saved = optimizer.state_dict()
+    saved["flat_state"] = [{"momentum": buffers["velocity"]} for buffers in saved["flat_state"]]
+    with pytest.raises(ValueError, match=r"\['momentum'\] do not match decentlam's \['velocity'\]"):
+        optimizer.load_state_dict(saved)
