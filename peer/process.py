@@ -39,7 +39,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import torch
 
@@ -78,6 +78,10 @@ PEER_VECTOR_NAMES = (
 
 class PeerSetupError(RuntimeError):
     """The peer could not start (bad manifest entry, neighbours unreachable, different init)."""
+
+
+class StartupStopped(PeerSetupError):
+    """A stop request (SIGTERM, SIGINT) arrived while the peer was still starting up."""
 
 
 @dataclass
@@ -171,6 +175,11 @@ def check_identical_init(
                     bad.append(j)
             except ExchangeError as exc:
                 failed[j] = str(exc)
+    if pending and stop is not None and stop.is_set():
+        raise StartupStopped(
+            f"stopped during start-up: peer {comm.rank}: no parameter digest from peers "
+            f"{sorted(pending)} yet; {_reachability(comm)}"
+        )
     if pending or failed:
         missing = sorted({*pending, *failed})
         why = "stopped while waiting" if pending else "; ".join(failed.values())
@@ -213,7 +222,7 @@ def wait_for_neighbors(
         return comm.wait_for_neighbors(timeout, stop=stop)
     except ExchangeError as exc:
         if stop is not None and stop.is_set():
-            raise PeerSetupError(f"stopped during start-up: {exc}") from None
+            raise StartupStopped(f"stopped during start-up: {exc}") from None
         raise PeerSetupError(f"{exc} (waited {timeout:.3g} s)") from None
 
 
@@ -339,7 +348,10 @@ def run_peer(options: PeerOptions) -> TrainResult:
         token = read_token(manifest.security.token_file)
         started = process_start_time()
         faults = FaultInjector.from_env(rank)
-        comm = _start_communicator(manifest, me, topology, registry, token, options, stop)
+        try:
+            comm = _start_communicator(manifest, me, topology, registry, token, options, stop)
+        except StartupStopped as exc:
+            _stopped_in_startup(out_dir, rank, exc)
         owned.callback(comm.close)
         # Before the first fetch: a stall during start-up shows too. Unset before close.
         live_view = comm.membership
@@ -374,7 +386,10 @@ def run_peer(options: PeerOptions) -> TrainResult:
         live = comm.membership is not None
         ahead = _neighbours_ahead(comm) if live else {}
         if training.algorithm != "pmsgd" and not ahead:
-            check_identical_init(comm, topology, task.model, stop)
+            try:
+                check_identical_init(comm, topology, task.model, stop)
+            except StartupStopped as exc:
+                _stopped_in_startup(out_dir, rank, exc)
         try:
             optimizer = _build_optimizer(manifest, me, task.model, comm, staleness, options, stop)
         except RendezvousStopped as exc:
@@ -651,6 +666,13 @@ def _write_result(
     tmp.write_text(json.dumps(payload, indent=2, default=float))
     tmp.replace(path)
     return path
+
+
+def _stopped_in_startup(out_dir: Path, rank: int, exc: StartupStopped) -> NoReturn:
+    """A stop request during start-up: nothing trained, no checkpoint. ``peer-<r>.json`` says
+    so (``stopped_early``, the reason), then the error goes up (the CLI prints it, exit 2)."""
+    _write_result(out_dir, _not_started(rank, str(exc)))
+    raise exc
 
 
 def _not_started(rank: int, reason: str) -> TrainResult:

@@ -3,6 +3,7 @@ neighbours that are missing (a one-line PeerSetupError, not a traceback)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -87,6 +88,9 @@ def test_sigterm_while_neighbours_are_missing_exits_at_once_naming_them(tmp_path
     errors = [line for line in stderr.splitlines() if line.startswith("decentlam: error:")]
     assert len(errors) == 1 and "stopped during start-up" in errors[0], stderr
     assert " 1 at 127.0.0.1:" in errors[0] and " 3 at 127.0.0.1:" in errors[0], errors[0]
+    report = json.loads((tmp_path / "out" / "peer-0.json").read_text())
+    assert report["stopped_early"] and report["steps"] == 0
+    assert report["stop_reason"].startswith("stopped during start-up"), report
 
 
 @pytest.mark.slow
