@@ -61,8 +61,8 @@ def test_load_errors(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="no checkpoint at"):
         ckpt.load_checkpoint(tmp_path / "rank-0.pt")
     bad = tmp_path / "rank-1.pt"
-    bad.write_bytes(os.urandom(64))
-    with pytest.raises(ValueError, match="refused"):
+    bad.write_bytes(os.urandom(64))  # random bytes: an unpickling error or another one
+    with pytest.raises(ValueError, match=r"rank-1\.pt (refused|is unreadable)"):
         ckpt.load_checkpoint(bad)
     torch.save({"model": {}}, tmp_path / "rank-2.pt")
     with pytest.raises(ValueError, match="lacks optimizer, step, rng"):
