@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import tempfile
 import time
@@ -25,8 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _results import config_of, write_results
 
-from launcher.cluster import LocalCluster, free_ports
+from launcher.cluster import LocalCluster, on_free_ports
 from peer.simulation.problems import LinearRegressionProblem
 from peer.simulation.simulator import Simulator
 from topology.manifest import dump_manifest, init_manifest, load_manifest
@@ -45,16 +45,12 @@ def write_manifest(path: Path, algorithm: str, args: argparse.Namespace, stalene
         N, "ring", algorithm=algorithm, task="linreg", task_options=options, steps=args.steps,
         lr=args.lr, momentum=0.9, seed=args.seed, dtype="float64",
     )  # fmt: skip
-    ports = free_ports(2 * N)
-    peers = tuple(
-        dataclasses.replace(p, port=ports[2 * i], metrics_port=ports[2 * i + 1])
-        for i, p in enumerate(manifest.peers)
-    )
+    manifest = on_free_ports(manifest)
     exchange = dataclasses.replace(
         manifest.exchange,
         retained_versions=max(manifest.exchange.retained_versions, staleness + 2),
     )
-    path.write_text(dump_manifest(dataclasses.replace(manifest, peers=peers, exchange=exchange)))
+    path.write_text(dump_manifest(dataclasses.replace(manifest, exchange=exchange)))
     return path
 
 
@@ -124,13 +120,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{row['real_error'] / sync['real_error']:>9.2f}{row['simulator_error']:>14.5g}"
               f"{row['simulator_error'] / sync['simulator_error']:>9.2f}")  # fmt: skip
     report = {
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "config": config_of(args),
         "rows": rows,
         "wall_seconds": time.perf_counter() - started,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.out}")
+    write_results(args.out, report)
     return 0
 
 

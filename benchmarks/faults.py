@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from launcher.cluster import LocalCluster, free_ports
+from launcher.cluster import LocalCluster, on_free_ports
 from peer.training.tasks import build_task
 from topology import make_topology
 from topology.live import metropolis_live_row, mixing_mode, self_absorbing_row
@@ -57,17 +57,13 @@ def write_manifest(path: Path, args: argparse.Namespace, graph: str, algorithm: 
         args.nodes, graph, algorithm=algorithm, task="digits", steps=args.steps,
         batch_size=32, lr=0.125 if unstable else 0.1, momentum=0.6 if unstable else 0.9, seed=0,
     )  # fmt: skip
-    ports = free_ports(2 * args.nodes)
-    peers = tuple(
-        dataclasses.replace(p, port=ports[2 * i], metrics_port=ports[2 * i + 1])
-        for i, p in enumerate(manifest.peers)
-    )
+    manifest = on_free_ports(manifest)
     exchange = dataclasses.replace(
         manifest.exchange,
         failure_detection_seconds=args.detection_seconds,
         connect_deadline_seconds=args.connect_seconds,
     )
-    path.write_text(dump_manifest(dataclasses.replace(manifest, peers=peers, exchange=exchange)))
+    path.write_text(dump_manifest(dataclasses.replace(manifest, exchange=exchange)))
     return path
 
 

@@ -19,13 +19,13 @@ Prints a table and writes JSON (``--out``, default ``benchmarks/results/metrics_
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import threading
 import time
 from pathlib import Path
 
+from _results import write_results
 from prometheus_client import CollectorRegistry
 
 from peer.training.metrics import TrainingMetrics
@@ -135,9 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         "training_metrics_seconds_per_iteration": per_record,
         "direct_overhead": direct,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.out}")
+    write_results(args.out, report)
     return 0
 
 

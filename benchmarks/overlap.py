@@ -25,7 +25,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from launcher.cluster import LocalCluster, free_ports
+from _results import write_results
+
+from launcher.cluster import LocalCluster, on_free_ports
 from topology.manifest import dump_manifest, init_manifest
 
 
@@ -36,17 +38,13 @@ def write_manifest(path: Path, args: argparse.Namespace) -> Path:
         task_options={"batch_size": args.batch_size, "width": args.width},
         steps=args.steps, lr=0.01, momentum=0.9, seed=0,
     )  # fmt: skip
-    ports = free_ports(4)
-    peers = tuple(
-        dataclasses.replace(p, port=ports[2 * i], metrics_port=ports[2 * i + 1])
-        for i, p in enumerate(manifest.peers)
-    )
+    manifest = on_free_ports(manifest)
     exchange = dataclasses.replace(
         manifest.exchange,
         bandwidth_bytes_per_second=int(args.bandwidth),
         bucket_bytes=args.bucket_bytes,
     )
-    path.write_text(dump_manifest(dataclasses.replace(manifest, peers=peers, exchange=exchange)))
+    path.write_text(dump_manifest(dataclasses.replace(manifest, exchange=exchange)))
     return path
 
 
@@ -126,9 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         "pipelined_over_max": pipelined_ratio,
         "wall_seconds": elapsed,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.out}")
+    write_results(args.out, report)
     return 0
 
 

@@ -17,7 +17,6 @@ Timings depend on the machine's load: 8 peers share the cores.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import statistics
 import sys
@@ -26,7 +25,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from launcher.cluster import LocalCluster, free_ports
+from _results import config_of, write_results
+
+from launcher.cluster import LocalCluster, free_ports, on_free_ports
 from topology.manifest import dump_manifest, init_manifest
 
 N = 8
@@ -56,12 +57,8 @@ def write_manifest(path: Path, args: argparse.Namespace, algorithm: str, steps: 
         eval_every=args.eval_every,
         max_staleness=staleness,
     )  # fmt: skip
-    ports = free_ports(2 * N)
-    peers = tuple(
-        dataclasses.replace(p, port=ports[2 * i], metrics_port=ports[2 * i + 1])
-        for i, p in enumerate(manifest.peers)
-    )
-    path.write_text(dump_manifest(dataclasses.replace(manifest, peers=peers)))
+    manifest = on_free_ports(manifest)
+    path.write_text(dump_manifest(manifest))
     return path
 
 
@@ -186,14 +183,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{row['method']:<26}{to_text:>18}{ratio:>9}{final_text:>13}"
               f"{row['mean_iteration_seconds'] * 1e3:>9.1f}")  # fmt: skip
     report = {
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "config": config_of(args),
         "delay_seconds": delay,
         "rows": rows,
         "wall_seconds": time.perf_counter() - started,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.out}")
+    write_results(args.out, report)
     return 0
 
 

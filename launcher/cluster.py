@@ -13,6 +13,7 @@ peer rejoins from its neighbours. Every death and restart is recorded in
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -45,6 +46,24 @@ def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
     finally:
         for sock in sockets:
             sock.close()
+
+
+def on_free_ports(manifest: Any, **peer_fields: Any) -> Any:
+    """``manifest`` with every peer on its own free gRPC and metrics port (loopback runs).
+
+    Args:
+        manifest: a :class:`topology.manifest.Manifest`.
+        **peer_fields: further fields set on every peer (``host="127.0.0.1"``, ``device``...).
+
+    Returns:
+        A copy of the manifest; the ports come from :func:`free_ports`.
+    """
+    ports = free_ports(2 * manifest.world_size)
+    peers = tuple(
+        dataclasses.replace(p, port=ports[2 * i], metrics_port=ports[2 * i + 1], **peer_fields)
+        for i, p in enumerate(manifest.peers)
+    )
+    return dataclasses.replace(manifest, peers=peers)
 
 
 @dataclass

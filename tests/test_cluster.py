@@ -6,7 +6,6 @@ least squares, a few dozen steps.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import signal
@@ -19,7 +18,7 @@ import pytest
 import torch
 
 from launcher.cli import main
-from launcher.cluster import LocalCluster, free_ports, scrape
+from launcher.cluster import LocalCluster, free_ports, on_free_ports, scrape
 from peer.simulation.problems import LinearRegressionProblem
 from peer.simulation.simulator import Simulator
 from topology.manifest import dump_manifest, init_manifest, load_manifest
@@ -46,12 +45,8 @@ def write_manifest(path: Path, *, algorithm: str, graph: str, steps: int = STEPS
         steps=steps, lr=LR, momentum=momentum(algorithm, graph), seed=3, dtype="float64",
         **extra,
     )  # fmt: skip
-    ports = free_ports(2 * N)
-    peers = tuple(
-        dataclasses.replace(p, port=ports[2 * i], metrics_port=ports[2 * i + 1])
-        for i, p in enumerate(manifest.peers)
-    )
-    path.write_text(dump_manifest(dataclasses.replace(manifest, peers=peers)))
+    manifest = on_free_ports(manifest)
+    path.write_text(dump_manifest(manifest))
     return path
 
 

@@ -24,7 +24,7 @@ import yaml
 
 from launcher import deploy
 from launcher.cli import main
-from launcher.cluster import free_ports
+from launcher.cluster import on_free_ports
 from tests import dashboard_queries
 from topology.manifest import dump_manifest, init_manifest, load_manifest
 
@@ -320,16 +320,12 @@ def test_grafana_provisioning_matches_compose_and_dashboards() -> None:
 def _loopback_compose_manifest(path: Path) -> None:
     """The compose manifest on 127.0.0.1 with free ports and a 20-step digits run."""
     manifest = load_manifest(ROOT / COMPOSE_MANIFEST)
-    ports = free_ports(2 * manifest.world_size)
-    peers = tuple(
-        dataclasses.replace(p, host="127.0.0.1", port=ports[2 * i], metrics_port=ports[2 * i + 1])
-        for i, p in enumerate(manifest.peers)
-    )
+    manifest = on_free_ports(manifest, host="127.0.0.1")
     training = dataclasses.replace(
         manifest.training, steps=20, eval_every=10, checkpoint_every=10, batch_size=16
     )
     exchange = dataclasses.replace(manifest.exchange, connect_deadline_seconds=60.0)
-    manifest = dataclasses.replace(manifest, peers=peers, training=training, exchange=exchange)
+    manifest = dataclasses.replace(manifest, training=training, exchange=exchange)
     path.write_text(dump_manifest(manifest))
 
 

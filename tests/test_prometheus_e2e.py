@@ -11,7 +11,6 @@ metric a peer declares must be in the metrics table. Skipped when ``prometheus``
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 import subprocess
@@ -27,7 +26,7 @@ from typing import Any
 import pytest
 
 from launcher.cli import main
-from launcher.cluster import LocalCluster, free_ports
+from launcher.cluster import LocalCluster, free_ports, on_free_ports
 from tests import dashboard_queries
 from topology.manifest import dump_manifest, init_manifest
 
@@ -119,13 +118,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     manifest = init_manifest(
         PEERS, "ring", task="digits", steps=1_000_000, eval_every=5, batch_size=16, seed=0
     )
-    ports = free_ports(2 * PEERS)
-    peers = tuple(
-        dataclasses.replace(p, port=ports[2 * i], metrics_port=ports[2 * i + 1], device="cpu")
-        for i, p in enumerate(manifest.peers)
-    )
+    manifest = on_free_ports(manifest, device="cpu")
     manifest_path = tmp / "manifest.yaml"
-    manifest_path.write_text(dump_manifest(dataclasses.replace(manifest, peers=peers)))
+    manifest_path.write_text(dump_manifest(manifest))
     config = tmp / "prometheus.yml"
     argv = ["prometheus-config", "--manifest", str(manifest_path), "--scrape-interval", "1s"]
     assert main([*argv, "-o", str(config)]) == 0

@@ -726,9 +726,21 @@ class Manifest:
                 "max_staleness",
             )
         if self.training.algorithm == "decentlam" and staleness == 0:
-            problem = decentlam_instability(built, self.training, self.topology.graph)
-            if problem:
-                fail(problem, "training", "momentum")
+            training = self.training
+            diverges = decentlam_divergence(built, training.momentum, training.global_average_every)
+            if diverges:
+                growth, limit = diverges
+                fail(
+                    f"{training.momentum:g} makes DecentLaM diverge on graph "
+                    f"{self.topology.graph!r} with {built.n} peers: its momentum carries the "
+                    f"mixing step, and on this time-varying or non-symmetric W the disagreement "
+                    f"between peers grows {growth:.3f}x per iteration at any learning rate "
+                    f"(docs/algorithms.md, 'DecentLaM on time-varying graphs'); use momentum <= "
+                    f"{limit:.2f}, a static symmetric graph (ring, torus, exponential: stable at "
+                    f"any momentum), or algorithm dmsgd",
+                    "training",
+                    "momentum",
+                )
         if self.exchange.retained_versions <= staleness:
             fail(
                 f"{self.exchange.retained_versions} must be > max_staleness ({staleness}), "
@@ -898,29 +910,31 @@ _STABILITY_MAX_PEERS = 512
 _STABILITY_MAX_ITERATIONS = 512
 
 
-def decentlam_instability(topology: Topology, training: TrainingSpec, graph: str) -> str | None:
-    """Why synchronous DecentLaM cannot converge on ``topology`` with these settings, or None.
+def decentlam_divergence(
+    topology: Topology, momentum: float, global_average_every: int = 0
+) -> tuple[float, float] | None:
+    """``(growth per iteration, largest stable momentum)`` when synchronous DecentLaM diverges.
 
     DecentLaM's momentum carries the mixing step; on a time-varying or non-symmetric ``W`` that
     can make the disagreement between peers grow at every learning rate
     (:func:`topology.spectral.momentum_consensus_growth`, docs/algorithms.md, "DecentLaM on
     time-varying graphs"). The check covers one period of the graph, with the exact averages of
-    ``training.global_average_every`` included.
+    ``global_average_every`` included. Used by the manifest and by ``decentlam simulate``.
 
     Returns:
-        A one-line explanation naming the growth factor, the largest stable momentum and the
-        alternatives; None when the recursion is stable or the check is out of range.
+        None when the recursion is stable or the check is out of range (momentum 0, two peers
+        or fewer, more than 512).
     """
-    beta = float(training.momentum)
+    beta = float(momentum)
     n = topology.n
     if beta == 0.0 or n <= 2 or n > _STABILITY_MAX_PEERS:
         return None
-    every = int(training.global_average_every)
+    every = int(global_average_every)
     length = topology.period
     if every:
         length = length * every // math.gcd(length, every)
     if length > _STABILITY_MAX_ITERATIONS:
-        length, every = topology.period, 0  # without the global averages: conservative
+        length, every = topology.period, 0  # without the global averages: errs on refusing
     average = np.full((n, n), 1.0 / n)
     matrices = [
         average if every and (k + 1) % every == 0 else topology.mixing_matrix(k)
@@ -929,15 +943,7 @@ def decentlam_instability(topology: Topology, training: TrainingSpec, graph: str
     growth = momentum_consensus_growth(matrices, beta)
     if growth < 1.0 - 1e-9:
         return None
-    limit = max_stable_momentum(matrices)
-    return (
-        f"{beta:g} makes DecentLaM diverge on graph {graph!r} with {n} peers: its momentum "
-        f"carries the mixing step, and on this time-varying or non-symmetric W the "
-        f"disagreement between peers grows {growth:.3f}x per iteration at any learning rate "
-        f"(docs/algorithms.md, 'DecentLaM on time-varying graphs'); use momentum <= "
-        f"{limit:.2f}, a static symmetric graph (ring, torus, exponential: stable at any "
-        f"momentum), or algorithm dmsgd"
-    )
+    return growth, max_stable_momentum(matrices)
 
 
 def address_key(host: str) -> str:

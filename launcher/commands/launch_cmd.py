@@ -13,7 +13,6 @@ neighbours. The exit status is 1 when a peer stayed down.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import signal
@@ -22,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from launcher.cluster import LocalCluster, free_ports
+from launcher.cluster import LocalCluster, free_ports, on_free_ports
 from launcher.errors import UsageError
 from launcher.view import ClusterView
 
@@ -112,12 +111,7 @@ def write_loopback_manifest(args: argparse.Namespace, path: Path) -> Path:
         checkpoint_every=args.checkpoint_every,
         seed=args.seed,
     )
-    ports = free_ports(2 * args.nodes)
-    peers = tuple(
-        dataclasses.replace(p, port=ports[2 * i], metrics_port=ports[2 * i + 1])
-        for i, p in enumerate(manifest.peers)
-    )
-    manifest = dataclasses.replace(manifest, peers=peers)
+    manifest = on_free_ports(manifest)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(dump_manifest(manifest))
     return path

@@ -191,18 +191,17 @@ def _plot(rows: list[dict[str, Any]], path: Path, ylabel: str, title: str) -> No
 def _warn_if_unstable(topology: Any, args: argparse.Namespace) -> None:
     """Say so when DecentLaM's momentum makes it diverge on this graph (the manifest refuses it;
     the simulator runs it anyway, to show what happens)."""
-    from topology.spectral import max_stable_momentum, momentum_consensus_growth
+    from topology.manifest_specs import decentlam_divergence
 
-    if not 0.0 < args.momentum < 1.0 or topology.n > 512:
+    if not 0.0 < args.momentum < 1.0:
         return
-    matrices = topology.mixing_matrices()
-    growth = momentum_consensus_growth(matrices, args.momentum)
-    if growth >= 1.0 - 1e-9:
+    diverges = decentlam_divergence(topology, args.momentum, args.global_average_every)
+    if diverges:
+        growth, limit = diverges
         print(
             f"warning: DecentLaM with momentum {args.momentum:g} diverges on {args.graph!r} with "
             f"{args.nodes} peers (disagreement x{growth:.3f} per iteration at any lr; stable up to "
-            f"momentum {max_stable_momentum(matrices):.2f}; docs/algorithms.md); a manifest "
-            f"with these settings is refused",
+            f"momentum {limit:.2f}; docs/algorithms.md); a manifest with these settings is refused",
             file=sys.stderr,
         )
 
