@@ -81,6 +81,8 @@ class PeerProgress:
         membership_changes: neighbours it marked down or re-admitted so far.
         rejoins: times it rejoined from a neighbour's state.
         rejoin_seconds: duration of its last rejoin (process start to first mixed step).
+        finished: the peer exited with status 0 (its run is complete); a row that says so
+            carries no scraped values (the view shows the peer's last ones).
     """
 
     step: float = math.nan
@@ -93,6 +95,7 @@ class PeerProgress:
     membership_changes: float = 0.0
     rejoins: float = 0.0
     rejoin_seconds: float = math.nan
+    finished: bool = False
 
 
 def histogram_quantile(quantile: float, buckets: Sequence[tuple[float, float]]) -> float:
@@ -288,12 +291,16 @@ class LocalCluster:
         return any(peer.process.poll() is None for peer in self.peers)
 
     def progress(self) -> dict[int, PeerProgress]:
-        """Scrape every running peer's metrics endpoint."""
-        return {
-            peer.rank: scrape(peer.metrics_url)
-            for peer in self.peers
-            if peer.metrics_url is not None and peer.process.poll() is None
-        }
+        """Scrape every running peer's metrics endpoint; a peer that exited with status 0 gets
+        a ``finished`` row (one that died gets none: it shows as stale)."""
+        rows: dict[int, PeerProgress] = {}
+        for peer in self.peers:
+            code = peer.process.poll()
+            if code is None and peer.metrics_url is not None:
+                rows[peer.rank] = scrape(peer.metrics_url)
+            elif code == 0:
+                rows[peer.rank] = PeerProgress(finished=True)
+        return rows
 
     def signal_all(self, signum: int = signal.SIGTERM) -> None:
         """Send ``signum`` to every running peer."""

@@ -15,6 +15,7 @@ column is one more :class:`Column` with a function of the row.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -56,11 +57,22 @@ def _percent(share: float) -> str:
 
 
 def _state(progress: PeerProgress) -> str:
+    if progress.finished:
+        return "done"
     return "up" if progress.reachable else "down"
 
 
 def _state_style(progress: PeerProgress) -> str:
+    if progress.finished:
+        return "cyan"
     return "green" if progress.reachable else "red"
+
+
+def _peers_line(rows: Sequence[PeerProgress], world_size: int) -> str:
+    """``"3/4 peers up"``, with ``", 1 done"`` once peers have finished their run."""
+    up = sum(p.reachable for p in rows)
+    done = sum(p.finished for p in rows)
+    return f"{up}/{world_size} peers up" + (f", {done} done" if done else "")
 
 
 @dataclass(frozen=True)
@@ -128,7 +140,7 @@ def format_line(progress: Mapping[int, PeerProgress], steps: int, world_size: in
     ):
         if text:
             parts.append(f"{label} {text}")
-    parts.append(f"{sum(p.reachable for p in rows)}/{world_size} peers up")
+    parts.append(_peers_line(rows, world_size))
     changes = sum(p.membership_changes for p in rows if p.reachable)
     if changes:
         parts.append(f"{changes:.0f} membership changes")
@@ -208,8 +220,14 @@ class ClusterView:
             progress: the latest row of each peer that answered or was asked.
             now: monotonic time (for the plain view's interval; default: now).
         """
-        self._progress = dict(progress)
-        self._seen.update(progress)
+        # A finished peer's row has no values of its own: keep its last scraped ones.
+        self._progress = {
+            rank: dataclasses.replace(self._seen[rank], finished=True, reachable=False)
+            if row.finished and rank in self._seen
+            else row
+            for rank, row in progress.items()
+        }
+        self._seen.update(self._progress)
         if self.quiet:
             return
         if self._live is not None:
@@ -243,11 +261,11 @@ class ClusterView:
     def render(self, progress: Mapping[int, PeerProgress]) -> RenderableType:
         """Progress bar and table of one scrape (what the live view draws)."""
         step = slowest_step(progress)
-        up = sum(p.reachable for p in progress.values())
+        peers = _peers_line(list(progress.values()), self.world_size)
         bar = Table.grid(padding=(0, 1))
         bar.add_row(
             ProgressBar(total=max(1, self.steps), completed=min(step, self.steps), width=40),
-            Text(f"step {step}/{self.steps}  {up}/{self.world_size} peers up"),
+            Text(f"step {step}/{self.steps}  {peers}"),
         )
         return Group(bar, self.table(progress))
 

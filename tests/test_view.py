@@ -67,6 +67,41 @@ def test_a_peer_that_stops_answering_keeps_its_last_row() -> None:
     assert table["1"] == ["20", "0.1000", "up"]
 
 
+def test_a_peer_that_finished_shows_done_with_its_last_values() -> None:
+    console = terminal()
+    view = ClusterView(3, 12, console=console)
+    view.update({0: SCRAPE[0], 1: SCRAPE[1], 2: PeerProgress(step=3, reachable=True)})
+    # rank 0 exited 0 (its run is complete), rank 2 died: no row
+    view.update({0: PeerProgress(finished=True), 1: SCRAPE[1]})
+    console.print(view.render(view._progress))
+    text = console.export_text()
+    table = rows(text)
+    assert table["0"] == ["12", "0.5123", "0.875", "4.2 ms", "25%", "done"]
+    assert table["1"] == ["10", "0.6000", "5.2 ms", "up"]
+    assert table["2"] == ["3", "-"]
+    assert "1/3 peers up, 1 done" in text
+    assert format_line(view._progress, 12, 3).endswith("1/3 peers up, 1 done")
+
+
+def test_cluster_progress_marks_finished_peers(tmp_path: Path) -> None:
+    """LocalCluster.progress(): a peer that exited 0 gets a finished row, a dead one none."""
+    import subprocess
+    import sys
+
+    from launcher.cluster import LocalCluster, PeerProcess
+
+    done = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    done.wait(timeout=30)
+    dead.wait(timeout=30)
+    peers = [
+        PeerProcess(rank=0, process=done, metrics_url=None, log_path=tmp_path / "0.log"),
+        PeerProcess(rank=1, process=dead, metrics_url=None, log_path=tmp_path / "1.log"),
+    ]
+    cluster = LocalCluster(tmp_path / "m.yaml", tmp_path, peers=peers)  # not started
+    assert cluster.progress() == {0: PeerProgress(finished=True)}
+
+
 def test_plain_lines_when_not_a_terminal() -> None:
     out = io.StringIO()
     view = ClusterView(3, 100, console=Console(file=out, width=80), plain_every_seconds=10)
