@@ -2,7 +2,8 @@
 
 One peer per namespace host (``tests/netns.py``), every host's link capped both ways with
 ``tc tbf`` (25 and 100 Mbit/s by default), n = 2, 4, 8. Methods: DecentLaM over gRPC on the
-one-peer exponential graph and on the ring, and PmSGD (gloo ring all-reduce). The model is the
+one-peer exponential graph and on the ring, and PmSGD (gloo ring all-reduce); opt-in with
+``--methods``, asynchronous pipelined DecentLaM on the one-peer exponential graph. The model is the
 digits MLP with two wide hidden layers (``--hidden 512``: 300 k parameters, 1.2 MB in float32)
 so that compute per step is a few milliseconds and the links, not the CPU, set the pace.
 
@@ -46,7 +47,15 @@ METHODS = {
     "decentlam one-peer-exp": ("decentlam", "one-peer-exponential", 0.5),
     "decentlam ring": ("decentlam", "ring", 0.9),
     "pmsgd all-reduce": ("pmsgd", "ring", 0.9),
+    # Opt-in (--methods): asynchronous DecentLaM mixing the neighbours' previous-step vectors,
+    # so each exchange has a whole step of slack. It tells whether the synchronous wait on the
+    # slowest transfer is what costs time at n >= 4 (measured: it is not; README).
+    "decentlam one-peer-exp T=1 pipelined": ("decentlam", "one-peer-exponential", 0.5),
 }
+#: Extra ``decentlam peer`` flags of a method.
+PEER_FLAGS = {"decentlam one-peer-exp T=1 pipelined": ["--max-staleness", "1", "--pipeline"]}
+#: The methods run when ``--methods`` is not given.
+DEFAULT_METHODS = ("decentlam one-peer-exp", "decentlam ring", "pmsgd all-reduce")
 
 
 def interface_bytes(hosts: NetnsHosts, host: int) -> tuple[int, int]:
@@ -87,7 +96,8 @@ def run_once(
     for rank in range(n):
         with open(out / f"rank-{rank}.log", "wb") as log:
             argv = [sys.executable, "-m", "launcher.cli", "peer", "--manifest", str(path),
-                    "--out", str(out), "--quiet", "--linger-seconds", "30"]  # fmt: skip
+                    "--out", str(out), "--quiet", "--linger-seconds", "30",
+                    *PEER_FLAGS.get(method, [])]  # fmt: skip
             processes.append(hosts.popen(rank, argv, log=log, env=env))
     deadline = time.monotonic() + args.timeout
     while any(p.poll() is None for p in processes):
@@ -153,7 +163,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--nodes", default="2,4,8")
     parser.add_argument("--rates", default="25mbit,100mbit")
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument(
+        "--methods", default=",".join(DEFAULT_METHODS), help=f"comma-separated, of: {list(METHODS)}"
+    )
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--timeout", type=float, default=600.0)
@@ -168,6 +180,9 @@ def main() -> int:
     # A SIGTERM must still run the ``finally`` that deletes the namespaces.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     methods = [m.strip() for m in args.methods.split(",")]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        parser.error(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
     rows: list[dict[str, Any]] = []
     work = args.work or Path(tempfile.mkdtemp(prefix="decentlam-scaling-"))
     print(f"run directories (logs) in {work}", flush=True)
