@@ -39,21 +39,21 @@ sys.path.insert(0, str(REPO_ROOT))
 from tests.netns import NetnsHosts, netns_unavailable  # noqa: E402
 from topology.manifest import init_manifest  # noqa: E402
 
-# (algorithm, graph, momentum). DecentLaM with momentum 0.9 diverges on the time-varying
-# one-peer exponential graph (the manifest refuses it: topology.spectral.momentum_consensus_growth;
-# 8 peers are stable up to 0.70), so that row runs momentum 0.5; the communication, which is what
-# this benchmark times, does not depend on it.
-METHODS = {
-    "decentlam one-peer-exp": ("decentlam", "one-peer-exponential", 0.5),
-    "decentlam ring": ("decentlam", "ring", 0.9),
-    "pmsgd all-reduce": ("pmsgd", "ring", 0.9),
+# (algorithm, graph, momentum, extra ``decentlam peer`` flags). DecentLaM with momentum 0.9
+# diverges on the time-varying one-peer exponential graph (the manifest refuses it:
+# topology.spectral.momentum_consensus_growth; 8 peers are stable up to 0.70), so those rows run
+# momentum 0.5; the communication, which is what this benchmark times, does not depend on it.
+METHODS: dict[str, tuple[str, str, float, tuple[str, ...]]] = {
+    "decentlam one-peer-exp": ("decentlam", "one-peer-exponential", 0.5, ()),
+    "decentlam ring": ("decentlam", "ring", 0.9, ()),
+    "pmsgd all-reduce": ("pmsgd", "ring", 0.9, ()),
     # Opt-in (--methods): asynchronous DecentLaM mixing the neighbours' previous-step vectors,
     # so each exchange has a whole step of slack. It tells whether the synchronous wait on the
-    # slowest transfer is what costs time at n >= 4 (measured: it is not; README).
-    "decentlam one-peer-exp T=1 pipelined": ("decentlam", "one-peer-exponential", 0.5),
-}
-#: Extra ``decentlam peer`` flags of a method.
-PEER_FLAGS = {"decentlam one-peer-exp T=1 pipelined": ["--max-staleness", "1", "--pipeline"]}
+    # slowest transfer is what costs time at n >= 4 (measured: only at n = 4; README).
+    "decentlam one-peer-exp T=1 pipelined": (
+        "decentlam", "one-peer-exponential", 0.5, ("--max-staleness", "1", "--pipeline")
+    ),
+}  # fmt: skip
 #: The methods run when ``--methods`` is not given.
 DEFAULT_METHODS = ("decentlam one-peer-exp", "decentlam ring", "pmsgd all-reduce")
 
@@ -73,7 +73,7 @@ def run_once(
     hosts: NetnsHosts, method: str, args: argparse.Namespace, work: Path
 ) -> dict[str, Any]:
     """One cluster of ``hosts.n`` peers; returns the measurements."""
-    algorithm, graph, momentum = METHODS[method]
+    algorithm, graph, momentum, peer_flags = METHODS[method]
     n = hosts.n
     manifest = init_manifest(
         n, graph, hosts=[hosts.address(h) for h in range(n)], peers_per_host=1,
@@ -97,7 +97,7 @@ def run_once(
         with open(out / f"rank-{rank}.log", "wb") as log:
             argv = [sys.executable, "-m", "launcher.cli", "peer", "--manifest", str(path),
                     "--out", str(out), "--quiet", "--linger-seconds", "30",
-                    *PEER_FLAGS.get(method, [])]  # fmt: skip
+                    *peer_flags]  # fmt: skip
             processes.append(hosts.popen(rank, argv, log=log, env=env))
     deadline = time.monotonic() + args.timeout
     while any(p.poll() is None for p in processes):
