@@ -13,7 +13,12 @@ bytes each host's interface sent and received per iteration (``/proc/net/dev`` i
 namespace, start-up included, divided by the steps), next to the model size. Needs root.
 
     python benchmarks/scaling.py [--nodes 2,4,8] [--rates 25mbit,100mbit] [--steps 30]
-        [--hidden 512] [--out benchmarks/results/scaling.json] [--plot ...png]
+        [--hidden 512] [--methods ...] [--trace] [--out benchmarks/results/scaling.json]
+        [--plot ...png]
+
+``--trace`` records both ends of every gRPC transfer (``decentlam peer --trace-exchanges``) and
+adds to each row how many transfers shared their sender's uplink with another one and the
+median time of those and of the others (``peer/transport/grpc/trace.py``).
 
 Prints a table, writes JSON and a matplotlib PNG.
 """
@@ -36,6 +41,7 @@ import yaml
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
+from peer.transport.grpc.trace import load_trace, transfer_summary  # noqa: E402
 from tests.netns import NetnsHosts, netns_unavailable  # noqa: E402
 from topology.manifest import init_manifest  # noqa: E402
 
@@ -98,6 +104,8 @@ def run_once(
             argv = [sys.executable, "-m", "launcher.cli", "peer", "--manifest", str(path),
                     "--out", str(out), "--quiet", "--linger-seconds", "30",
                     *peer_flags]  # fmt: skip
+            if args.trace:
+                argv += ["--trace-exchanges", str(out / "trace")]
             processes.append(hosts.popen(rank, argv, log=log, env=env))
     deadline = time.monotonic() + args.timeout
     while any(p.poll() is None for p in processes):
@@ -113,7 +121,7 @@ def run_once(
     results = [json.loads((out / f"peer-{r}.json").read_text()) for r in range(n)]
     model_bytes = 4 * (64 * args.hidden + args.hidden + args.hidden**2 + args.hidden
                        + 10 * args.hidden + 10)  # fmt: skip
-    return {
+    row: dict[str, Any] = {
         "method": method,
         "nodes": n,
         # Steady state: the median over peers of each peer's median step (a peer's first step
@@ -130,6 +138,9 @@ def run_once(
         "model_bytes": model_bytes,
         "accuracy": statistics.mean(r["eval"].get("accuracy", float("nan")) for r in results),
     }
+    if args.trace and algorithm != "pmsgd":  # gloo's all-reduce is not traced
+        row["transfers"] = transfer_summary(load_trace(sorted((out / "trace").glob("*.jsonl"))))
+    return row
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
@@ -169,6 +180,12 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--timeout", type=float, default=600.0)
+    parser.add_argument(
+        "--trace",
+        action="store_true",
+        help="trace every gRPC transfer (decentlam peer --trace-exchanges) and report how many "
+        "shared their sender's uplink and how long those and the others took",
+    )
     parser.add_argument("--work", type=Path, help="keep run directories (logs) here")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks/results/scaling.json")
     parser.add_argument("--plot", type=Path, default=REPO_ROOT / "benchmarks/results/scaling.png")
@@ -202,6 +219,13 @@ def main() -> int:
                     print(f"{rate:>8} n={n} {method:<24} {row['iteration_ms']:8.1f} ms "
                           f"sent {row['sent_bytes_per_iteration'] / 1e6:6.2f} MB/it",
                           flush=True)  # fmt: skip
+                    if "transfers" in row:
+                        t = row["transfers"]
+                        print(f"{'':>8}   transfers {t['transfers']}, {t['shared']} shared the "
+                              f"sender's uplink: alone {1e3 * t['alone_median_seconds']:.0f} ms, "
+                              f"shared {1e3 * t['shared_median_seconds']:.0f} ms, "
+                              f"wait for the sender {1e3 * t['wait_median_seconds']:.0f} ms "
+                              f"(medians)", flush=True)  # fmt: skip
             finally:
                 hosts.down()
     print()

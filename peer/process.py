@@ -28,6 +28,7 @@ injected from ``DECENTLAM_FAULTS`` (:mod:`peer.faults`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -107,6 +108,8 @@ class PeerOptions:
         report: called with the operator's lines (one at start, then progress); ``None``:
             only logged.
         progress_seconds: how often a progress line is reported (0: never).
+        trace_exchanges: append a per-transfer trace to ``trace_exchanges/exchanges-<r>.jsonl``
+            (:mod:`peer.transport.grpc.trace`); None: no trace.
     """
 
     manifest: Path
@@ -124,6 +127,7 @@ class PeerOptions:
     linger_seconds: float = 60.0
     report: Callable[[str], None] | None = None
     progress_seconds: float = 10.0
+    trace_exchanges: Path | None = None
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -731,7 +735,10 @@ def _start_communicator(
         me.rank,
         peers,
         topology=topology,
-        config=_exchange_config(manifest, token),
+        config=dataclasses.replace(
+            _exchange_config(manifest, token),
+            trace_dir=None if options.trace_exchanges is None else str(options.trace_exchanges),
+        ),
         bind=bind,
         world_size=manifest.world_size,
         registry=registry,

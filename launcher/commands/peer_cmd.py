@@ -64,6 +64,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="with --max-staleness 1: mix the neighbours' previous-step vectors, so each "
         "exchange runs during the whole next step",
     )
+    parser.add_argument(
+        "--trace-exchanges",
+        type=Path,
+        metavar="DIR",
+        help="append one JSON line per fetch and per served version to "
+        "DIR/exchanges-<rank>.jsonl (peer/transport/grpc/trace.py)",
+    )
     parser.add_argument("--bind", help="gRPC bind address (default: manifest host:port)")
     parser.add_argument("--dist-init-method", help="torch.distributed rendezvous for pmsgd")
     parser.add_argument(
@@ -147,6 +154,7 @@ def run(args: argparse.Namespace) -> int:
         linger_seconds=args.linger_seconds,
         report=None if args.quiet else _print_line,
         progress_seconds=args.progress_seconds,
+        trace_exchanges=args.trace_exchanges,
     )
     try:
         result = run_peer(options)

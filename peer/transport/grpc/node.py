@@ -44,6 +44,7 @@ from peer.transport.grpc.security import ReadPolicy, TlsConfig
 from peer.transport.grpc.server import PeerServicer, ServedPeer, create_server
 from peer.transport.grpc.store import VersionStore, byte_view, wire_dtype_for
 from peer.transport.grpc.throttle import BandwidthLimiter
+from peer.transport.grpc.trace import ExchangeTrace
 from peer.transport.grpc.wire import dtype_name
 from topology.live import (
     MembershipPolicy,
@@ -118,6 +119,8 @@ class ExchangeConfig:
         stall_seconds: a neighbour with a fetch pending that sends nothing and answers no Info
             for this long is reported stalled (log, ``decentlam_neighbor_stalls_total``, the
             stall listener) until something arrives from it again; the fetch goes on.
+        trace_dir: append one JSON line per completed fetch and per served version to
+            ``trace_dir/exchanges-<rank>.jsonl`` (:mod:`~.trace`); None: no trace.
         tune_malloc: raise glibc's malloc trim threshold for the process so received chunks
             reuse warm memory instead of page-faulting (:mod:`~.allocator`; halves the
             client's CPU per large fetch here).
@@ -151,6 +154,7 @@ class ExchangeConfig:
     tune_malloc: bool = True
     channels_per_neighbor: int = 1
     blocking_receive: bool = False
+    trace_dir: str | None = None
 
     @property
     def verifies_checksums(self) -> bool:
@@ -372,6 +376,7 @@ class PeerNode:
                 if config.known_names is None
                 else tuple(re.compile(pattern) for pattern in config.known_names)
             ),
+            trace=None if config.trace_dir is None else ExchangeTrace(config.trace_dir, rank),
         )
         node = cls(rank, config, served)
         node.server, node.port = create_server(
@@ -436,6 +441,8 @@ class PeerNode:
         matters for large vectors: a fresh 100 MB buffer costs ~40 ms of page faults here.
         """
         started = time.perf_counter()
+        trace = self.served.trace
+        traced_start = trace.now() if trace is not None else 0.0
         client = self.client(src, name, step)
         if out is None:
             pinned = like.is_cuda and torch.cuda.is_available()
@@ -468,6 +475,10 @@ class PeerNode:
         )
         latency = time.perf_counter() - started
         self.served.metrics.fetched(src, latency, result.nbytes, result.chunks)
+        if trace is not None:
+            trace.fetched(
+                src, name, result.step, traced_start, trace.now(), result.nbytes, result.retries
+            )
         return Received(dest, result.step, latency, result.nbytes, result.live_neighbors)
 
     async def exchange(
@@ -690,4 +701,6 @@ class PeerNode:
         for client in clients:
             await client.close()
         del server, clients
+        if self.served.trace is not None:
+            self.served.trace.close()
         gc.collect()  # grpc.aio objects sit in reference cycles: free them now, on the loop

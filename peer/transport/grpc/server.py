@@ -49,6 +49,7 @@ from peer.transport.grpc.store import (
     pack_state,
 )
 from peer.transport.grpc.throttle import BandwidthLimiter
+from peer.transport.grpc.trace import ExchangeTrace
 from peer.transport.grpc.wire import (
     PeerInfo,
     StateHeader,
@@ -101,6 +102,7 @@ class ServedPeer:
         software_version: decentlam version (Info).
         current_step: last step reported by the training loop (Info).
         state_provider: GetState callback, or None.
+        trace: per-transfer trace (:mod:`~.trace`), or None.
         name_patterns: the vector names this peer will ever publish (regular expressions);
             a Fetch for any other name not yet published is answered NOT_FOUND at once.
             None: every name may still come (it is waited for).
@@ -119,6 +121,7 @@ class ServedPeer:
     current_step: int = 0
     state_provider: StateProvider | None = field(default=None, repr=False)
     name_patterns: tuple[re.Pattern[str], ...] | None = None
+    trace: ExchangeTrace | None = None
     streams: dict[int, int] = field(default_factory=dict, repr=False)
 
     def may_publish(self, name: str) -> bool:
@@ -256,6 +259,7 @@ class PeerServicer:
             live_neighbors=version.live_neighbors,
             wire_dtype=encoding.dtype,
         )
+        traced_start = peer.trace.now() if peer.trace is not None else 0.0
         yield header_to_pb(header)
         limiter = None if peer.limiter.unlimited else peer.limiter
         for message in encoding.encoded_chunks(offset, length, chunk_bytes):
@@ -264,6 +268,10 @@ class PeerServicer:
             yield message
         peer.metrics.served(caller, length, header.chunk_count)
         peer.metrics.handled("Fetch", time.perf_counter() - started)
+        if peer.trace is not None:
+            peer.trace.served(
+                caller, version.name, version.step, traced_start, peer.trace.now(), length
+            )
 
     async def rpc_info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> Any:
         """Identity and health of this peer."""
