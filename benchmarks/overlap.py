@@ -1,15 +1,29 @@
 """Iteration time with exchanges blocking, overlapped with backward, or pipelined (T = 1).
 
-Runs the same 2-peer cluster (real processes, loopback gRPC) three times: ``--blocking`` (each
-step computes, then exchanges), overlapped (each bucket's exchange starts from a gradient hook
-during backward and must finish before the update) and pipelined (asynchronous DecentLaM with
+Runs 2-peer clusters (real processes, loopback gRPC): ``--blocking`` (each step computes, then
+exchanges), overlapped (each bucket's exchange starts from a gradient hook during backward and
+must finish before the update) and pipelined (asynchronous DecentLaM with
 ``--max-staleness 1 --pipeline``: step k mixes the neighbours' step k-1 vectors, so each exchange
 runs during the whole next step). The link is made slow with the exchange engine's bandwidth cap
-so that communication costs about as much as compute; the blocking run measures both:
+so that communication costs about as much as compute; a blocking run measures both:
 ``comm = blocked time``, ``compute = iteration - blocked``. Targets: overlapped iteration
 <= 1.15 x max(compute, comm); pipelined <= 1.05 x max(compute, comm).
 
+The buckets are set apart for the pipeline (``--pipeline-bucket-bytes``; 4 MiB, the manifest
+default), with a blocking run of its own for its bound. Overlap needs small buckets
+(``--bucket-bytes``, 64 KiB) so that exchanges start while backward still runs. For the
+pipeline, each extra bucket is one more fetch per step, paid in compute time (~20 ms per step at
+64 KiB here). Starting early still helps it when communication dominates. Measured in one
+session: with comm ~ compute (20 MB/s) the pipeline took 1.25x max(compute, comm) with 64 KiB
+buckets and 1.13-1.17x with 4 MiB; comm-bound (4 MB/s) it took 1.09x with 64 KiB and 1.13x with
+4 MiB.
+
+Times are means over all steps and both peers (medians mislead here: pipelined step times are
+bimodal); a pipelined run's first step also waits for its own exchange, which adds about
+comm / steps to its mean.
+
     python benchmarks/overlap.py [--steps 40] [--bandwidth 4e6] [--bucket-bytes 65536]
+        [--pipeline-bucket-bytes 4194304]
 
 Prints a table and writes JSON (``--out``, default ``benchmarks/results/overlap.json``).
 """
@@ -31,7 +45,7 @@ from launcher.cluster import LocalCluster, on_free_ports
 from topology.manifest import dump_manifest, init_manifest
 
 
-def write_manifest(path: Path, args: argparse.Namespace) -> Path:
+def write_manifest(path: Path, args: argparse.Namespace, bucket_bytes: int) -> Path:
     """A 2-peer loopback manifest: ResNet-20-sized CNN on synthetic images, capped links."""
     manifest = init_manifest(
         2, "ring", algorithm="decentlam", task="synthetic-image",
@@ -42,7 +56,7 @@ def write_manifest(path: Path, args: argparse.Namespace) -> Path:
     exchange = dataclasses.replace(
         manifest.exchange,
         bandwidth_bytes_per_second=int(args.bandwidth),
-        bucket_bytes=args.bucket_bytes,
+        bucket_bytes=bucket_bytes,
     )
     path.write_text(dump_manifest(dataclasses.replace(manifest, exchange=exchange)))
     return path
@@ -81,35 +95,39 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--width", type=int, default=16, help="ResNet-20 width (16 = 0.27 M)")
     parser.add_argument("--bandwidth", type=float, default=4e6, help="link cap in bytes/s")
     parser.add_argument("--bucket-bytes", type=int, default=64 * 1024)
+    parser.add_argument("--pipeline-bucket-bytes", type=int, default=4 << 20)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/overlap.json"))
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="decentlam-overlap-") as tmp:
-        manifest = write_manifest(Path(tmp) / "m.yaml", args)
+        small = write_manifest(Path(tmp) / "m.yaml", args, args.bucket_bytes)
+        large = write_manifest(Path(tmp) / "m-large.yaml", args, args.pipeline_bucket_bytes)
         started = time.perf_counter()
-        blocking = run(manifest, Path(tmp) / "blocking", True, 0)
-        overlapped = run(manifest, Path(tmp) / "overlapped", False, 0)
-        pipelined = run(manifest, Path(tmp) / "pipelined", False, 0, pipeline=True)
+        blocking = run(small, Path(tmp) / "blocking", True, 0)
+        overlapped = run(small, Path(tmp) / "overlapped", False, 0)
+        blocking_large = run(large, Path(tmp) / "blocking-large", True, 0)
+        pipelined = run(large, Path(tmp) / "pipelined", False, 0, pipeline=True)
         elapsed = time.perf_counter() - started
-    compute = blocking["compute_seconds"]
-    comm = blocking["blocked_seconds"]
+    compute, comm = blocking["compute_seconds"], blocking["blocked_seconds"]
     bound = max(compute, comm)
-    rows = [
-        ("compute (blocking run: iteration - blocked)", compute),
-        ("comm (blocking run: blocked)", comm),
-        ("max(compute, comm)", bound),
-        ("compute + comm", compute + comm),
-        ("blocking iteration", blocking["iteration_seconds"]),
-        ("overlapped iteration", overlapped["iteration_seconds"]),
-        ("pipelined iteration (T = 1)", pipelined["iteration_seconds"]),
-    ]
+    compute_large, comm_large = blocking_large["compute_seconds"], blocking_large["blocked_seconds"]
+    bound_large = max(compute_large, comm_large)
     print(f"2 peers, synthetic-image ResNet-20 (width {args.width}), batch {args.batch_size}, "
-          f"link cap {args.bandwidth / 1e6:.1f} MB/s, buckets {args.bucket_bytes} B, "
-          f"{args.steps} steps")  # fmt: skip
-    for label, value in rows:
-        print(f"{label:<46} {value * 1e3:9.1f} ms")
+          f"link cap {args.bandwidth / 1e6:.1f} MB/s, {args.steps} steps, means")  # fmt: skip
+    print(f"{'':<46} {f'{args.bucket_bytes} B':>12} {f'{args.pipeline_bucket_bytes} B':>12}")
+    for label, small_value, large_value in (
+        ("compute (blocking run: iteration - blocked)", compute, compute_large),
+        ("comm (blocking run: blocked)", comm, comm_large),
+        ("max(compute, comm)", bound, bound_large),
+        ("blocking iteration", blocking["iteration_seconds"], blocking_large["iteration_seconds"]),
+        ("overlapped iteration", overlapped["iteration_seconds"], None),
+        ("pipelined iteration (T = 1)", None, pipelined["iteration_seconds"]),
+    ):
+        cells = [f"{v * 1e3:9.1f} ms" if v is not None else f"{'':>12}"
+                 for v in (small_value, large_value)]  # fmt: skip
+        print(f"{label:<46} {cells[0]:>12} {cells[1]:>12}")
     ratio = overlapped["iteration_seconds"] / bound
     print(f"{'overlapped / max(compute, comm)':<46} {ratio:9.2f}x   (target <= 1.15x)")
-    pipelined_ratio = pipelined["iteration_seconds"] / bound
+    pipelined_ratio = pipelined["iteration_seconds"] / bound_large
     print(f"{'pipelined / max(compute, comm)':<46} {pipelined_ratio:9.2f}x   (target <= 1.05x)")
     print(f"{'blocking / overlapped':<46} "
           f"{blocking['iteration_seconds'] / overlapped['iteration_seconds']:9.2f}x")  # fmt: skip
@@ -120,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
         "compute_seconds": compute,
         "comm_seconds": comm,
         "overlapped_over_max": ratio,
+        "blocking_pipeline_buckets": blocking_large,
+        "pipeline_compute_seconds": compute_large,
+        "pipeline_comm_seconds": comm_large,
         "pipelined": pipelined,
         "pipelined_over_max": pipelined_ratio,
         "wall_seconds": elapsed,
