@@ -1,0 +1,96 @@
+"""The bandwidth limiter: exact long-run rate, the sliding-window burst, and no polling."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from peer.transport.grpc import throttle
+from peer.transport.grpc.throttle import BandwidthLimiter, ExactThrottler
+
+
+def _send(limiter: BandwidthLimiter, total: int, chunk: int) -> float:
+    async def run() -> float:
+        started = time.perf_counter()
+        sent = 0
+        while sent < total:
+            await limiter.acquire(chunk)
+            sent += chunk
+        return time.perf_counter() - started
+
+    return asyncio.run(run())
+
+
+@pytest.mark.parametrize("chunk", [10_000, 65_536, 1 << 20, 4 << 20])
+def test_long_run_rate_is_the_cap(chunk: int) -> None:
+    """Timer overshoot must not lower the rate: 6 MB at 40 MB/s take 150 ms less the burst."""
+    cap, total = 40e6, 6_000_000
+    limiter = BandwidthLimiter(cap)
+    burst = cap * throttle.DEFAULT_WINDOW_SECONDS
+    sent = -(-total // chunk) * chunk
+    expected = (sent - burst) / cap  # the last acquire returns once all its tokens are in
+    assert _send(limiter, total, chunk) == pytest.approx(expected, abs=0.03)
+
+
+def test_burst_passes_at_once_then_the_rate_holds() -> None:
+    async def run() -> tuple[float, float]:
+        limiter = BandwidthLimiter(10e6)  # tokens of 6.25 kB, 200 kB per 20 ms window
+        started = time.perf_counter()
+        await limiter.acquire(187_500)  # 30 of the 32 tokens
+        burst = time.perf_counter() - started
+        await limiter.acquire(100_000)  # 2 tokens now, 14 when the first 30 leave the window
+        return burst, time.perf_counter() - started
+
+    burst, total = asyncio.run(run())
+    assert burst < 0.005
+    assert total == pytest.approx(throttle.DEFAULT_WINDOW_SECONDS, abs=0.01)
+
+
+def test_a_saturated_cap_sleeps_once_or_twice_per_window(monkeypatch: pytest.MonkeyPatch) -> None:
+    """asyncio_throttle polls every retry_interval (1,600 wake-ups a second at 32 tokens per
+    20 ms); the exact throttler sleeps until the slots it needs free."""
+    sleeps: list[float] = []
+    real_sleep = asyncio.sleep
+
+    async def counting_sleep(delay: float) -> None:
+        sleeps.append(delay)
+        await real_sleep(delay)
+
+    monkeypatch.setattr(throttle.asyncio, "sleep", counting_sleep)
+    seconds = _send(BandwidthLimiter(20e6), 4_000_000, 1 << 20)
+    windows = seconds / throttle.DEFAULT_WINDOW_SECONDS
+    # Polling would sleep TOKENS_PER_WINDOW (32) times a window; slots freed in two groups
+    # (a send that spanned a window boundary) can take two sleeps.
+    assert len(sleeps) <= 2 * windows + 2
+
+
+def test_admission_rule_and_order() -> None:
+    """At most rate_limit admissions per sliding period, waiters served in arrival order."""
+
+    async def run() -> list[tuple[int, float]]:
+        throttler = ExactThrottler(rate_limit=2, period=0.05)
+        admitted: list[tuple[int, float]] = []
+        started = time.monotonic()
+
+        async def one(index: int, count: int) -> None:
+            await throttler.acquire(count)
+            admitted.append((index, time.monotonic() - started))
+
+        await asyncio.gather(one(0, 2), one(1, 3), one(2, 1))
+        return admitted
+
+    admitted = asyncio.run(run())
+    assert [index for index, _ in admitted] == [0, 1, 2]
+    times = dict(admitted)
+    assert times[0] < 0.01
+    assert times[1] == pytest.approx(0.10, abs=0.02)  # 2 slots at 0.05, the third at 0.10
+    assert times[2] == pytest.approx(0.10, abs=0.02)  # the slot free at 0.10
+
+
+def test_unlimited_and_bad_caps() -> None:
+    assert BandwidthLimiter(None).unlimited and BandwidthLimiter(0).unlimited
+    assert _send(BandwidthLimiter(None), 10**9, 1 << 20) < 0.05
+    with pytest.raises(ValueError, match="bytes_per_second must be >= 0"):
+        BandwidthLimiter(-1)
