@@ -18,12 +18,13 @@ session: with comm ~ compute (20 MB/s) the pipeline took 1.25x max(compute, comm
 buckets and 1.13-1.17x with 4 MiB; comm-bound (4 MB/s) it took 1.09x with 64 KiB and 1.13x with
 4 MiB.
 
-Times are means over all steps and both peers (medians mislead here: pipelined step times are
-bimodal); a pipelined run's first step also waits for its own exchange, which adds about
-comm / steps to its mean.
+Times are means over every step after ``--warmup-steps`` of each run, both peers (medians
+mislead here: pipelined step times are bimodal), from the per-step times in ``peer-<r>.json``.
+The warm-up steps hold start-up and, for the pipeline, a first step that also waits for its own
+exchange.
 
-    python benchmarks/overlap.py [--steps 40] [--bandwidth 4e6] [--bucket-bytes 65536]
-        [--pipeline-bucket-bytes 4194304]
+    python benchmarks/overlap.py [--steps 120] [--warmup-steps 10] [--repeats 1] [--bandwidth 4e6]
+        [--bucket-bytes 65536] [--pipeline-bucket-bytes 4194304]
 
 Prints a table and writes JSON (``--out``, default ``benchmarks/results/overlap.json``).
 """
@@ -76,21 +77,34 @@ def run(
             raise RuntimeError(f"cluster did not finish; logs in {out / 'logs'}")
     finally:
         cluster.stop(grace_seconds=5)
-    rows = []
+    iterations: list[float] = []
+    blocked: list[float] = []
     for rank in (0, 1):
         result = json.loads((out / f"peer-{rank}.json").read_text())
-        rows.append(result)
+        steps = len(result["step_seconds"])
+        if steps <= warmup:
+            raise RuntimeError(f"peer {rank} ran {steps} steps, not more than {warmup} warm-up")
+        iterations += result["step_seconds"][warmup:]
+        blocked += result["step_blocked_seconds"][warmup:]
+    mean_iteration, mean_blocked = statistics.mean(iterations), statistics.mean(blocked)
     return {
-        "iteration_seconds": statistics.mean(r["mean_iteration_seconds"] for r in rows),
-        "blocked_seconds": statistics.mean(r["mean_blocked_seconds"] for r in rows),
-        "compute_seconds": statistics.mean(r["mean_compute_seconds"] for r in rows),
+        "iteration_seconds": mean_iteration,
+        "blocked_seconds": mean_blocked,
+        "compute_seconds": mean_iteration - mean_blocked,
         "warmup_steps": warmup,
     }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument(
+        "--warmup-steps",
+        type=int,
+        default=10,
+        help="first steps of every run left out of the means (start-up, the pipeline filling)",
+    )
+    parser.add_argument("--repeats", type=int, default=1, help="run the four clusters N times")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--width", type=int, default=16, help="ResNet-20 width (16 = 0.27 M)")
     parser.add_argument("--bandwidth", type=float, default=4e6, help="link cap in bytes/s")
@@ -98,51 +112,75 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pipeline-bucket-bytes", type=int, default=4 << 20)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/overlap.json"))
     args = parser.parse_args(argv)
+    repeats: list[dict[str, dict[str, float]]] = []
     with tempfile.TemporaryDirectory(prefix="decentlam-overlap-") as tmp:
         small = write_manifest(Path(tmp) / "m.yaml", args, args.bucket_bytes)
         large = write_manifest(Path(tmp) / "m-large.yaml", args, args.pipeline_bucket_bytes)
         started = time.perf_counter()
-        blocking = run(small, Path(tmp) / "blocking", True, 0)
-        overlapped = run(small, Path(tmp) / "overlapped", False, 0)
-        blocking_large = run(large, Path(tmp) / "blocking-large", True, 0)
-        pipelined = run(large, Path(tmp) / "pipelined", False, 0, pipeline=True)
+        for index in range(args.repeats):
+            # Each repeat runs the four clusters back to back, so a ratio compares runs made
+            # seconds apart (this machine's speed drifts by more than the effects measured).
+            out = Path(tmp) / f"repeat-{index}"
+            warmup = args.warmup_steps
+            repeats.append(
+                {
+                    "blocking": run(small, out / "blocking", True, warmup),
+                    "overlapped": run(small, out / "overlapped", False, warmup),
+                    "blocking_large": run(large, out / "blocking-large", True, warmup),
+                    "pipelined": run(large, out / "pipelined", False, warmup, pipeline=True),
+                }
+            )
         elapsed = time.perf_counter() - started
-    compute, comm = blocking["compute_seconds"], blocking["blocked_seconds"]
-    bound = max(compute, comm)
-    compute_large, comm_large = blocking_large["compute_seconds"], blocking_large["blocked_seconds"]
-    bound_large = max(compute_large, comm_large)
+    for result in repeats:
+        blocking, large_run = result["blocking"], result["blocking_large"]
+        bound = max(blocking["compute_seconds"], blocking["blocked_seconds"])
+        bound_large = max(large_run["compute_seconds"], large_run["blocked_seconds"])
+        result["ratios"] = {
+            "overlapped_over_max": result["overlapped"]["iteration_seconds"] / bound,
+            "pipelined_over_max": result["pipelined"]["iteration_seconds"] / bound_large,
+        }
+
+    def median(run_name: str, key: str) -> float:
+        return statistics.median(r[run_name][key] for r in repeats)
+
+    compute, comm = median("blocking", "compute_seconds"), median("blocking", "blocked_seconds")
+    compute_large = median("blocking_large", "compute_seconds")
+    comm_large = median("blocking_large", "blocked_seconds")
     print(f"2 peers, synthetic-image ResNet-20 (width {args.width}), batch {args.batch_size}, "
-          f"link cap {args.bandwidth / 1e6:.1f} MB/s, {args.steps} steps, means")  # fmt: skip
+          f"link cap {args.bandwidth / 1e6:.1f} MB/s, {args.steps} steps "
+          f"({args.warmup_steps} warm-up), means; medians of {args.repeats} repeat(s)")  # fmt: skip
     print(f"{'':<46} {f'{args.bucket_bytes} B':>12} {f'{args.pipeline_bucket_bytes} B':>12}")
     for label, small_value, large_value in (
         ("compute (blocking run: iteration - blocked)", compute, compute_large),
         ("comm (blocking run: blocked)", comm, comm_large),
-        ("max(compute, comm)", bound, bound_large),
-        ("blocking iteration", blocking["iteration_seconds"], blocking_large["iteration_seconds"]),
-        ("overlapped iteration", overlapped["iteration_seconds"], None),
-        ("pipelined iteration (T = 1)", None, pipelined["iteration_seconds"]),
+        ("max(compute, comm)", max(compute, comm), max(compute_large, comm_large)),
+        (
+            "blocking iteration",
+            median("blocking", "iteration_seconds"),
+            median("blocking_large", "iteration_seconds"),
+        ),
+        ("overlapped iteration", median("overlapped", "iteration_seconds"), None),
+        ("pipelined iteration (T = 1)", None, median("pipelined", "iteration_seconds")),
+        ("pipelined blocked", None, median("pipelined", "blocked_seconds")),
     ):
         cells = [f"{v * 1e3:9.1f} ms" if v is not None else f"{'':>12}"
                  for v in (small_value, large_value)]  # fmt: skip
         print(f"{label:<46} {cells[0]:>12} {cells[1]:>12}")
-    ratio = overlapped["iteration_seconds"] / bound
+    ratio = median("ratios", "overlapped_over_max")
+    pipelined_ratio = median("ratios", "pipelined_over_max")
+    each = ", ".join(f"{r['ratios']['pipelined_over_max']:.3f}" for r in repeats)
     print(f"{'overlapped / max(compute, comm)':<46} {ratio:9.2f}x   (target <= 1.15x)")
-    pipelined_ratio = pipelined["iteration_seconds"] / bound_large
-    print(f"{'pipelined / max(compute, comm)':<46} {pipelined_ratio:9.2f}x   (target <= 1.05x)")
-    print(f"{'blocking / overlapped':<46} "
-          f"{blocking['iteration_seconds'] / overlapped['iteration_seconds']:9.2f}x")  # fmt: skip
+    print(f"{'pipelined / max(compute, comm)':<46} {pipelined_ratio:9.3f}x   (target <= 1.05x;"
+          f" each repeat: {each})")  # fmt: skip
     report = {
         "config": vars(args) | {"out": str(args.out)},
-        "blocking": blocking,
-        "overlapped": overlapped,
+        "overlapped_over_max": ratio,
+        "pipelined_over_max": pipelined_ratio,
         "compute_seconds": compute,
         "comm_seconds": comm,
-        "overlapped_over_max": ratio,
-        "blocking_pipeline_buckets": blocking_large,
         "pipeline_compute_seconds": compute_large,
         "pipeline_comm_seconds": comm_large,
-        "pipelined": pipelined,
-        "pipelined_over_max": pipelined_ratio,
+        "repeats": repeats,
         "wall_seconds": elapsed,
     }
     write_results(args.out, report)

@@ -122,6 +122,10 @@ def test_launch_digits_writes_summary_and_checkpoints(tmp_path: Path, capsys) ->
         expected = {"mean_iteration_seconds", "mean_compute_seconds", "mean_blocked_seconds"}
         expected |= {"bytes_sent", "bytes_received", "consensus_distance", "final_loss"}
         assert expected <= set(peer)
+        steps, blocked = peer["step_seconds"], peer["step_blocked_seconds"]
+        assert len(steps) == len(blocked) == 30
+        assert sum(steps) / 30 == pytest.approx(peer["mean_iteration_seconds"], rel=1e-3)
+        assert all(0.0 <= b <= s for s, b in zip(steps, blocked, strict=True))
         assert (out / f"rank-{rank}.pt").exists()
         assert (out / "logs" / f"rank-{rank}.log").exists()
     assert "mean test accuracy" in printed

@@ -91,6 +91,10 @@ class TrainResult:
     # error that made this peer give up (``failed`` is then true); None when it finished.
     stop_reason: str | None = None
     failed: bool = False
+    # Every iteration of this run, in order (seconds; blocked = waiting for exchanges), so a
+    # benchmark can drop warm-up steps or plot the step times.
+    step_seconds: list[float] = field(default_factory=list)
+    step_blocked_seconds: list[float] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -357,6 +361,8 @@ class Trainer:
             median_blocked_seconds=statistics.median(blocked_times) if blocked_times else math.nan,
             stop_reason=stop_reason,
             failed=gave_up is not None,
+            step_seconds=[round(t, 6) for t in iteration_times],
+            step_blocked_seconds=[round(t, 6) for t in blocked_times],
         )
 
 
