@@ -5,8 +5,9 @@ For each vector size (default 1, 10, 100 MB of float32) it measures, as medians 
 
 * gRPC fetch (``GrpcCommunicator.fetch`` into a reused buffer, as gloo's ``recv``) from a
   server living in a separate process (no shared GIL), for every ``--wire-dtypes`` and every
-  combination of ``--receivers`` (event loop or worker threads), ``--chunk-mib`` and
-  ``--parallel-streams`` (one TCP connection per stream), plus one row per wire dtype with a
+  combination of ``--receivers`` (event loop or worker threads), ``--chunk-mib``,
+  ``--parallel-streams`` (one TCP connection per stream) and ``--checksums`` (the receiver's
+  CRC-32C on or off, ``exchange.verify_checksums``), plus one row per wire dtype with a
   fresh buffer per fetch (what a caller without ``out=`` pays);
 * gloo ``send``/``recv`` of the same tensor between two processes;
 * raw TCP ``sendall``/``recv_into`` between two processes (the physical limit here);
@@ -105,16 +106,17 @@ def _grpc_client(conn: Any, address: str, args: argparse.Namespace, wire_dtype: 
     for receiver in args.receivers:
         for chunk_mib in args.chunk_mib:
             for streams in args.parallel_streams:
-                config = ExchangeConfig(
-                    chunk_bytes=int(chunk_mib * MIB),
-                    parallel_streams=streams,
-                    channels_per_neighbor=streams,
-                    wire_dtype=wire_dtype,
-                    blocking_receive=receiver == "blocking",
-                )
-                clients[grpc_key(chunk_mib, streams, receiver)] = GrpcCommunicator.start(
-                    0, {1: address}, config=config
-                )
+                for checksums in args.checksums:
+                    config = ExchangeConfig(
+                        chunk_bytes=int(chunk_mib * MIB),
+                        parallel_streams=streams,
+                        channels_per_neighbor=streams,
+                        wire_dtype=wire_dtype,
+                        blocking_receive=receiver == "blocking",
+                        verify_checksums=checksums == "on",
+                    )
+                    key = grpc_key(chunk_mib, streams, receiver, checksums)
+                    clients[key] = GrpcCommunicator.start(0, {1: address}, config=config)
     conn.send(sorted(clients))
     while (command := conn.recv()) != STOP:
         key, size, fresh = command
@@ -143,9 +145,10 @@ def _rss_probe(conn: Any, address: str, sizes_mb: list[float], wire_dtype: str, 
     conn.send(_rss_report(baseline))
 
 
-def grpc_key(chunk_mib: float, streams: int, receiver: str) -> str:
+def grpc_key(chunk_mib: float, streams: int, receiver: str, checksums: str = "on") -> str:
     """Row label of one gRPC configuration (each stream has a TCP connection of its own)."""
-    return f"chunk={chunk_mib:g}MiB streams={streams} {receiver}"
+    crc = "" if checksums == "on" else " crc=off"
+    return f"chunk={chunk_mib:g}MiB streams={streams} {receiver}{crc}"
 
 
 # --- gloo -------------------------------------------------------------------------------------
@@ -372,6 +375,13 @@ def main(argv: list[str] | None = None) -> int:
         default=["aio", "blocking"],
         choices=["aio", "blocking"],
         help="client readers: the event loop (default) or worker threads (blocking_receive)",
+    )
+    parser.add_argument(
+        "--checksums",
+        nargs="+",
+        default=["on", "off"],
+        choices=["on", "off"],
+        help="receiver CRC-32C checks (exchange.verify_checksums); 'off' rows say crc=off",
     )
     parser.add_argument("--skip-throttle", action="store_true", help="skip the limiter runs")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/exchange.json"))

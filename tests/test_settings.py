@@ -50,13 +50,36 @@ def test_every_manifest_setting_reaches_the_transport() -> None:
         retained_versions=6,
         bandwidth_bytes_per_second=1000,
         parallel_streams=3,
+        verify_checksums=False,
     )
     manifest = parse_manifest(data)
     config = _exchange_config(manifest, token="t")
+    assert config.verify_checksums is False and not config.verifies_checksums
     for name in MANIFEST_SETTINGS:
         assert getattr(config, name) == getattr(manifest.exchange, name), name
     assert config.token == "t" and config.manifest_digest == manifest.digest()
     assert config.chunk_bytes + 64 <= config.max_message_bytes
+
+
+@pytest.mark.parametrize(
+    ("setting", "tls", "verifies"),
+    [(None, False, True), (None, True, False), (False, False, False), (True, True, True)],
+)
+def test_checksums_follow_the_manifest_and_the_channel(
+    setting: bool | None, tls: bool, verifies: bool
+) -> None:
+    from peer.transport.grpc.security import TlsConfig
+
+    material = TlsConfig(cert_path="c", key_path="k", ca_path="a") if tls else None
+    config = ExchangeConfig.from_spec(ExchangeSpec(verify_checksums=setting), tls=material)
+    assert config.verifies_checksums is verifies
+
+
+def test_verify_checksums_must_be_a_bool_or_null() -> None:
+    data = init_manifest(2, "ring").to_dict()
+    data["exchange"]["verify_checksums"] = "no"
+    with pytest.raises(ManifestError, match=r"exchange\.verify_checksums"):
+        parse_manifest(data)
 
 
 @pytest.mark.parametrize(

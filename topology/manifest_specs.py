@@ -533,6 +533,14 @@ class ExchangeSpec:
             "version, widened by the receiver); the same on every peer."
         ),
     ] = "float32"
+    verify_checksums: Annotated[
+        StrictBool | None,
+        Field(
+            description="Checksum every received payload (CRC-32C). null: on plaintext channels "
+            "only, since TLS records are already integrity-protected; false also skips it there "
+            "(TCP's own checksum remains)."
+        ),
+    ] = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form, as written in the manifest."""

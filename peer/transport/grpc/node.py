@@ -150,7 +150,7 @@ class ExchangeConfig:
     known_names: tuple[str, ...] | None = None
     wire_dtype: str = _SPEC.wire_dtype
     stall_seconds: float = _SPEC.stall_seconds
-    verify_checksums: bool | None = None
+    verify_checksums: bool | None = _SPEC.verify_checksums
     tune_malloc: bool = True
     channels_per_neighbor: int = 1
     blocking_receive: bool = False
@@ -213,6 +213,7 @@ MANIFEST_SETTINGS: tuple[str, ...] = (
     "parallel_streams",
     "wire_dtype",
     "stall_seconds",
+    "verify_checksums",
 )
 
 
