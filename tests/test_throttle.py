@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import pytest
 
@@ -94,3 +95,90 @@ def test_unlimited_and_bad_caps() -> None:
     assert _send(BandwidthLimiter(None), 10**9, 1 << 20) < 0.05
     with pytest.raises(ValueError, match="bytes_per_second must be >= 0"):
         BandwidthLimiter(-1)
+
+
+def _order(script: Any) -> list[str]:
+    """Run ``script(throttler, log)`` on a 2-slot, 50 ms throttler; the order callers got in."""
+
+    async def run() -> list[str]:
+        throttler = ExactThrottler(rate_limit=2, period=0.05)
+        log: list[str] = []
+        await script(throttler, log)
+        return log
+
+    return asyncio.run(run())
+
+
+def test_queued_sends_go_lowest_priority_first() -> None:
+    async def script(throttler: ExactThrottler, log: list[str]) -> None:
+        async def one(name: str, priority: float) -> None:
+            await throttler.acquire(2, priority)
+            log.append(name)
+
+        await throttler.acquire(2)  # the window is full: the holder has to wait for slots
+        holder = asyncio.ensure_future(one("holder", 9))
+        await asyncio.sleep(0)  # the holder owns the turn while it waits
+        await asyncio.gather(holder, one("newer", 5), one("older", 3))
+
+    assert _order(script) == ["holder", "older", "newer"]
+
+
+def test_a_stream_keeps_its_turn_between_chunks() -> None:
+    """An older stream's second chunk goes before a newer stream that queued during its first."""
+
+    async def script(throttler: ExactThrottler, log: list[str]) -> None:
+        old, new = object(), object()
+
+        async def old_stream() -> None:
+            await throttler.acquire(2, 1, old, keep=True)
+            log.append("old chunk 1")
+            await asyncio.sleep(0.005)  # the chunk is written; the next acquire comes soon
+            await throttler.acquire(2, 1, old, keep=False)
+            log.append("old chunk 2")
+
+        async def new_stream() -> None:
+            await asyncio.sleep(0.001)
+            await throttler.acquire(2, 2, new)
+            log.append("new chunk 1")
+
+        await asyncio.gather(old_stream(), new_stream())
+
+    assert _order(script) == ["old chunk 1", "old chunk 2", "new chunk 1"]
+
+
+def test_a_kept_turn_expires_and_an_older_caller_still_goes_first() -> None:
+    async def script(throttler: ExactThrottler, log: list[str]) -> None:
+        gone, kept = object(), object()
+        started = time.monotonic()
+        await throttler.acquire(1, 1, gone, keep=True)  # never comes back
+        await throttler.acquire(1, 2)
+        waited.append(time.monotonic() - started)
+        await throttler.acquire(2, 5, kept, keep=True)
+
+        async def older() -> None:
+            await throttler.acquire(2, 3)
+            log.append("older")
+
+        async def owner_again() -> None:
+            await asyncio.sleep(0.002)
+            await throttler.acquire(2, 5, kept)
+            log.append("owner")
+
+        await asyncio.gather(older(), owner_again())
+
+    waited: list[float] = []
+    assert _order(script) == ["older", "owner"]
+    assert waited[0] == pytest.approx(0.05, abs=0.02)  # one period for the owner that left
+
+
+def test_a_cancelled_waiter_does_not_stall_the_others() -> None:
+    async def script(throttler: ExactThrottler, log: list[str]) -> None:
+        await throttler.acquire(1, 0, "holder", keep=True)
+        cancelled = asyncio.ensure_future(throttler.acquire(1, 1))
+        later = asyncio.ensure_future(throttler.acquire(1, 2))
+        await asyncio.sleep(0.001)
+        cancelled.cancel()
+        await asyncio.wait_for(later, timeout=1.0)
+        log.append("later")
+
+    assert _order(script) == ["later"]

@@ -262,9 +262,11 @@ class PeerServicer:
         traced_start = peer.trace.now() if peer.trace is not None else 0.0
         yield header_to_pb(header)
         limiter = None if peer.limiter.unlimited else peer.limiter
-        for message in encoding.encoded_chunks(offset, length, chunk_bytes):
+        stream = object()  # this stream, for the limiter's turn-keeping between its chunks
+        for index, message in enumerate(encoding.encoded_chunks(offset, length, chunk_bytes)):
             if limiter is not None:
-                await limiter.acquire(len(message))
+                more = index + 1 < header.chunk_count
+                await limiter.acquire(len(message), version.step, stream, more)
             yield message
         peer.metrics.served(caller, length, header.chunk_count)
         peer.metrics.handled("Fetch", time.perf_counter() - started)
@@ -347,8 +349,10 @@ class PeerServicer:
             chunk_bytes=chunk_bytes,
         )
         yield state_header_to_pb(header)
-        for piece in iter_chunks(payload, chunk_bytes):
-            await peer.limiter.acquire(len(piece))
+        stream = object()
+        for index, piece in enumerate(iter_chunks(payload, chunk_bytes)):
+            more = index + 1 < header.chunk_count
+            await peer.limiter.acquire(len(piece), header.step, stream, more)
             yield encode_chunk(piece)
 
     def generic_handler(self) -> grpc.GenericRpcHandler:
