@@ -13,10 +13,10 @@ The buckets are set apart for the pipeline (``--pipeline-bucket-bytes``; 4 MiB, 
 default), with a blocking run of its own for its bound. Overlap needs small buckets
 (``--bucket-bytes``, 64 KiB) so that exchanges start while backward still runs. For the
 pipeline, each extra bucket is one more fetch per step, paid in compute time (~20 ms per step at
-64 KiB here). Starting early still helps it when communication dominates. Measured in one
-session: with comm ~ compute (20 MB/s) the pipeline took 1.25x max(compute, comm) with 64 KiB
-buckets and 1.13-1.17x with 4 MiB; comm-bound (4 MB/s) it took 1.09x with 64 KiB and 1.13x with
-4 MiB.
+64 KiB here). Starting early still helps it when communication dominates. Measured on
+2026-12-02 with the oldest-first limiter (medians of repeats): comm-bound (4 MB/s) the pipeline
+took 1.013x max(compute, comm), with comm ~ compute (20 MB/s) 1.03-1.10x (the event loop's CPU
+per exchange comes out of compute when the two peers' training fills both cores).
 
 Times are means over every step after ``--warmup-steps`` of each run, both peers (medians
 mislead here: pipelined step times are bimodal), from the per-step times in ``peer-<r>.json``.
