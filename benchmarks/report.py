@@ -93,7 +93,7 @@ EXTERNAL: dict[str, ExternalScript] = {
         "4. Overlap of exchanges with backward",
         "iteration time of a 2-peer cluster with blocking exchanges vs exchanges overlapped "
         "with backward, on a bandwidth-capped link.",
-        quick_args=(("--steps", "20"),),
+        quick_args=(("--steps", "40"), ("--warmup-steps", "5")),
     ),
     "scaling": ExternalScript(
         "benchmarks/scaling.py",
