@@ -369,20 +369,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--wire-dtypes", nargs="+", default=["float32", "bfloat16"], choices=list(WIRE_DTYPES)
     )
-    parser.add_argument(
-        "--receivers",
-        nargs="+",
-        default=["aio", "blocking"],
-        choices=["aio", "blocking"],
-        help="client readers: the event loop (default) or worker threads (blocking_receive)",
-    )
-    parser.add_argument(
-        "--checksums",
-        nargs="+",
-        default=["on", "off"],
-        choices=["on", "off"],
-        help="receiver CRC-32C checks (exchange.verify_checksums); 'off' rows say crc=off",
-    )
+    for flag, choices, text in (
+        ("--receivers", ["aio", "blocking"],
+         "client readers: the event loop (default) or worker threads (blocking_receive)"),
+        ("--checksums", ["on", "off"],
+         "receiver CRC-32C checks (exchange.verify_checksums); 'off' rows say crc=off"),
+    ):  # fmt: skip
+        parser.add_argument(flag, nargs="+", default=choices, choices=choices, help=text)
     parser.add_argument("--skip-throttle", action="store_true", help="skip the limiter runs")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/exchange.json"))
     args = parser.parse_args(argv)
