@@ -204,3 +204,15 @@ def test_rpc_table_matches_the_generated_stub() -> None:
     assert ours.calls == generated.calls and len(ours.calls) == 3
     with pytest.raises(ValueError, match=r"missing \['Info'\]"):
         client_callables(ours, {"Fetch": bytes, "GetState": bytes})  # type: ignore[arg-type]
+
+
+def test_a_capped_server_cuts_chunks_to_a_quarter_second(grpc_peers: GrpcPeers) -> None:
+    """At 1 MB/s a 1 MiB chunk would leave the stream silent for a second: 250 kB chunks."""
+    a, b = grpc_peers(2, config=ExchangeConfig(bandwidth_bytes_per_second=1_000_000))
+    x = torch.randn(250_000)  # 1 MB
+    b.publish("v", x, 0)
+    step, received = a.fetch(1, "v", 0, like=x, timeout=10)
+    assert step == 0 and torch.equal(received, x)
+    edge = {"rank": "0", "neighbor": "1"}
+    chunks = a.metrics.registry.get_sample_value("decentlam_exchange_received_chunks_total", edge)
+    assert chunks == 4

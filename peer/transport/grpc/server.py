@@ -81,6 +81,10 @@ SERVER_KEEPALIVE_OPTIONS: tuple[tuple[str, int], ...] = (
 # needs one per bucket and range stream).
 MIN_CHUNK_BYTES = 64 << 10
 MAX_STREAMS_PER_CALLER = 64
+# Under a bandwidth cap a chunk goes out only once the cap has admitted all of it, so a stream
+# is silent for chunk / rate seconds: chunks are cut to this much of the cap (at least
+# MIN_CHUNK_BYTES) to keep that well under the readers' stall threshold (exchange.stall_seconds).
+CAPPED_CHUNK_SECONDS = 0.25
 
 T = TypeVar("T")
 
@@ -143,9 +147,13 @@ class PeerServicer:
         self.peer = peer
 
     def _chunk_bytes(self, requested: int) -> int:
+        own = self.peer.chunk_bytes
+        rate = self.peer.limiter.bytes_per_second
+        if rate is not None:
+            own = min(own, max(MIN_CHUNK_BYTES, int(rate * CAPPED_CHUNK_SECONDS)))
         if requested <= 0:
-            return self.peer.chunk_bytes
-        return min(max(requested, MIN_CHUNK_BYTES), self.peer.chunk_bytes)
+            return own
+        return min(max(requested, MIN_CHUNK_BYTES), own)
 
     @contextlib.contextmanager
     def _stream_slot(self, caller: int) -> Iterator[bool]:
