@@ -182,3 +182,19 @@ def test_a_cancelled_waiter_does_not_stall_the_others() -> None:
         log.append("later")
 
     assert _order(script) == ["later"]
+
+
+def test_an_owner_whose_older_rival_was_cancelled_goes_on() -> None:
+    async def script(throttler: ExactThrottler, log: list[str]) -> None:
+        owner = object()
+        await throttler.acquire(1, 5, owner, keep=True)
+        rival = asyncio.ensure_future(throttler.acquire(1, 1))  # older, queues behind the turn
+        await asyncio.sleep(0.001)
+        rival.cancel()
+        await asyncio.sleep(0)
+        await asyncio.wait_for(throttler.acquire(1, 5, owner), timeout=1.0)
+        log.append("owner")
+        await asyncio.wait_for(throttler.acquire(1, 9), timeout=1.0)  # the turn is free again
+        log.append("next")
+
+    assert _order(script) == ["owner", "next"]

@@ -68,7 +68,10 @@ class ExactThrottler(Throttler):
             self._release_kept()
             if self._waiters and self._waiters[0][0] < priority:
                 self._hand_over()  # an older caller came meanwhile: it goes first
-                await self._queue(priority)
+                if self._busy:
+                    await self._queue(priority)
+                else:  # it had been cancelled: nobody took the turn
+                    self._busy = True
         elif self._busy:
             await self._queue(priority)
         else:
