@@ -10,12 +10,13 @@ at once and costs one attribute test.
 A saturated ``Throttler`` polls: it sleeps ``retry_interval`` and looks again, which at a
 20 MB/s cap wakes the event loop ~1,600 times a second, and each wake-up takes the GIL from the
 training thread (benchmarks/overlap.py measured the pipelined step's compute 4 ms longer for
-it). :class:`ExactThrottler` keeps the throttler's sliding window and sleeps once, until the
-oldest admissions it needs leave it, and takes all the tokens of one send at once, so a saturated
-cap wakes the loop about once per window. Waiting sends go oldest version first: with a pipelined
-exchange (``--pipeline``) the previous step's transfer, which the neighbour is waiting for, is not
-slowed by this step's, which it needs only a step later (benchmarks/overlap.py: at 4 MB/s the
-two shared the cap and finished together, leaving the link idle ~45 ms every other step).
+it). :class:`ExactThrottler` keeps the throttler's sliding window, sleeps until its oldest
+admission leaves it and then takes every slot that freed, so a saturated cap wakes the loop once
+or twice per window (tests/test_throttle.py). Waiting sends go oldest version first: with a
+pipelined exchange (``--pipeline``) the previous step's transfer, which the neighbour is waiting
+for, is not slowed by this step's, which it needs only a step later (benchmarks/overlap.py: at
+4 MB/s the two shared the cap and finished together, leaving the link idle ~45 ms every other
+step).
 """
 
 from __future__ import annotations
