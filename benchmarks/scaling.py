@@ -3,9 +3,10 @@
 One peer per namespace host (``tests/netns.py``), every host's link capped both ways with
 ``tc tbf`` (25 and 100 Mbit/s by default), n = 2, 4, 8. Methods: DecentLaM over gRPC on the
 one-peer exponential graph and on the ring, and PmSGD (gloo ring all-reduce); opt-in with
-``--methods``, asynchronous pipelined DecentLaM on the one-peer exponential graph. The model is the
-digits MLP with two wide hidden layers (``--hidden 512``: 300 k parameters, 1.2 MB in float32)
-so that compute per step is a few milliseconds and the links, not the CPU, set the pace.
+``--methods``, asynchronous pipelined DecentLaM on the one-peer exponential graph and the same
+graph with a bfloat16 wire (``exchange.wire_dtype``). The model is the digits MLP with two wide
+hidden layers (``--hidden 512``: 300 k parameters, 1.2 MB in float32) so that compute per step
+is a few milliseconds and the links, not the CPU, set the pace.
 
 Measured per run: the steady-state iteration time (median over peers of each peer's median
 step; the mean, which includes the first step's wait for the other peers, is in the JSON), and the
@@ -45,19 +46,24 @@ from peer.transport.grpc.trace import load_trace, transfer_summary  # noqa: E402
 from tests.netns import NetnsHosts, netns_unavailable  # noqa: E402
 from topology.manifest import init_manifest  # noqa: E402
 
-# (algorithm, graph, momentum, extra ``decentlam peer`` flags). DecentLaM with momentum 0.9
-# diverges on the time-varying one-peer exponential graph (the manifest refuses it:
-# topology.spectral.momentum_consensus_growth; 8 peers are stable up to 0.70), so those rows run
-# momentum 0.5; the communication, which is what this benchmark times, does not depend on it.
-METHODS: dict[str, tuple[str, str, float, tuple[str, ...]]] = {
-    "decentlam one-peer-exp": ("decentlam", "one-peer-exponential", 0.5, ()),
-    "decentlam ring": ("decentlam", "ring", 0.9, ()),
-    "pmsgd all-reduce": ("pmsgd", "ring", 0.9, ()),
+# (algorithm, graph, momentum, extra ``decentlam peer`` flags, ``exchange`` settings). DecentLaM
+# with momentum 0.9 diverges on the time-varying one-peer exponential graph (the manifest refuses
+# it: topology.spectral.momentum_consensus_growth; 8 peers are stable up to 0.70), so those rows
+# run momentum 0.5; the communication, which is what this benchmark times, does not depend on it.
+METHODS: dict[str, tuple[str, str, float, tuple[str, ...], dict[str, Any]]] = {
+    "decentlam one-peer-exp": ("decentlam", "one-peer-exponential", 0.5, (), {}),
+    "decentlam ring": ("decentlam", "ring", 0.9, (), {}),
+    "pmsgd all-reduce": ("pmsgd", "ring", 0.9, (), {}),
     # Opt-in (--methods): asynchronous DecentLaM mixing the neighbours' previous-step vectors,
     # so each exchange has a whole step of slack. It tells whether the synchronous wait on the
     # slowest transfer is what costs time at n >= 4 (measured: only at n = 4; README).
     "decentlam one-peer-exp T=1 pipelined": (
-        "decentlam", "one-peer-exponential", 0.5, ("--max-staleness", "1", "--pipeline")
+        "decentlam", "one-peer-exponential", 0.5, ("--max-staleness", "1", "--pipeline"), {}
+    ),
+    # Opt-in: the same exchange with the vectors on the wire in bfloat16 (half the bytes, a
+    # rounding error per mixing step; PmSGD's gloo all-reduce stays float32).
+    "decentlam one-peer-exp bf16 wire": (
+        "decentlam", "one-peer-exponential", 0.5, (), {"wire_dtype": "bfloat16"}
     ),
 }  # fmt: skip
 #: The methods run when ``--methods`` is not given.
@@ -79,7 +85,7 @@ def run_once(
     hosts: NetnsHosts, method: str, args: argparse.Namespace, work: Path
 ) -> dict[str, Any]:
     """One cluster of ``hosts.n`` peers; returns the measurements."""
-    algorithm, graph, momentum, peer_flags = METHODS[method]
+    algorithm, graph, momentum, peer_flags, exchange = METHODS[method]
     n = hosts.n
     manifest = init_manifest(
         n, graph, hosts=[hosts.address(h) for h in range(n)], peers_per_host=1,
@@ -89,6 +95,7 @@ def run_once(
     data = manifest.to_dict()
     # Eight torch processes starting at once on a loaded machine can take a minute or more.
     data["exchange"].update(fetch_deadline_seconds=120.0, connect_deadline_seconds=240.0)
+    data["exchange"].update(exchange)
     out = work / f"{method.replace(' ', '-')}-{n}"
     out.mkdir(parents=True)
     path = out / "m.yaml"
