@@ -198,3 +198,34 @@ def test_an_owner_whose_older_rival_was_cancelled_goes_on() -> None:
         log.append("next")
 
     assert _order(script) == ["owner", "next"]
+
+
+def test_paced_streams_send_the_older_version_whole_first() -> None:
+    async def run() -> list[str]:
+        limiter = BandwidthLimiter(10e6)  # 200 kB window: each 150 kB message waits for slots
+        sent: list[str] = []
+
+        async def stream(name: str, step: int, count: int, delay: float) -> None:
+            await asyncio.sleep(delay)
+            messages = (bytes(150_000) for _ in range(count))
+            async for index, _ in _aenumerate(limiter.paced(messages, priority=step)):
+                sent.append(f"{name}{index}")
+
+        await asyncio.gather(stream("old", 1, 3, 0.0), stream("new", 2, 2, 0.002))
+        return sent
+
+    assert asyncio.run(run()) == ["old0", "old1", "old2", "new0", "new1"]
+
+
+def test_unlimited_paced_passes_messages_through() -> None:
+    async def run() -> list[bytes]:
+        return [m async for m in BandwidthLimiter(None).paced([b"a", b"b"], priority=3)]
+
+    assert asyncio.run(run()) == [b"a", b"b"]
+
+
+async def _aenumerate(items: Any) -> Any:
+    index = 0
+    async for item in items:
+        yield index, item
+        index += 1

@@ -269,12 +269,8 @@ class PeerServicer:
         )
         traced_start = peer.trace.now() if peer.trace is not None else 0.0
         yield header_to_pb(header)
-        limiter = None if peer.limiter.unlimited else peer.limiter
-        stream = object()  # this stream, for the limiter's turn-keeping between its chunks
-        for index, message in enumerate(encoding.encoded_chunks(offset, length, chunk_bytes)):
-            if limiter is not None:
-                more = index + 1 < header.chunk_count
-                await limiter.acquire(len(message), version.step, stream, more)
+        chunks = encoding.encoded_chunks(offset, length, chunk_bytes)
+        async for message in peer.limiter.paced(chunks, priority=version.step):
             yield message
         peer.metrics.served(caller, length, header.chunk_count)
         peer.metrics.handled("Fetch", time.perf_counter() - started)
@@ -357,11 +353,9 @@ class PeerServicer:
             chunk_bytes=chunk_bytes,
         )
         yield state_header_to_pb(header)
-        stream = object()
-        for index, piece in enumerate(iter_chunks(payload, chunk_bytes)):
-            more = index + 1 < header.chunk_count
-            await peer.limiter.acquire(len(piece), header.step, stream, more)
-            yield encode_chunk(piece)
+        chunks = (encode_chunk(piece) for piece in iter_chunks(payload, chunk_bytes))
+        async for message in peer.limiter.paced(chunks, priority=header.step):
+            yield message
 
     def generic_handler(self) -> grpc.GenericRpcHandler:
         """Method handlers of the service (:func:`peer.transport.grpc.service.server_handler`)."""

@@ -26,6 +26,7 @@ import heapq
 import itertools
 import logging
 import time
+from collections.abc import AsyncIterator, Iterable
 
 from asyncio_throttle import Throttler
 
@@ -183,3 +184,23 @@ class BandwidthLimiter:
         if tokens:
             self._owed_bytes -= tokens * self._token_bytes
             await self._throttler.acquire(tokens, priority, stream, more)
+
+    async def paced(self, messages: Iterable[bytes], priority: float = 0.0) -> AsyncIterator[bytes]:
+        """The messages of one stream, each let through once the cap admits it.
+
+        The stream keeps its turn between its messages (it says ``more`` while another follows),
+        so a newer stream does not slip in between them; ``priority`` as in :meth:`acquire`.
+        Without a cap the messages pass straight through.
+        """
+        if self._throttler is None:
+            for message in messages:
+                yield message
+            return
+        stream = object()
+        iterator = iter(messages)
+        current: bytes | None = next(iterator, None)
+        while current is not None:
+            following = next(iterator, None)  # one ahead: is this the stream's last message?
+            await self.acquire(len(current), priority, stream, more=following is not None)
+            yield current
+            current = following

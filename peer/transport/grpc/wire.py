@@ -71,12 +71,9 @@ _DTYPES: dict[str, torch.dtype] = {
 
 # Encodings a float32 vector may travel in (exchange.wire_dtype); other dtypes travel as they are.
 WIRE_DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
-# How a chunk of each rounded wire dtype is read (numpy reads the read-only `bytes` of a received
-# message without a copy or a warning) and widened into the float32 destination: bfloat16 is the
-# top half of a float32, so widening is a 16-bit shift into the destination's bits; float16 is a
-# numpy cast. Both are exact.
-# Wire dtypes a float32 receiver widens from (torch's conversion: exact, vectorised, and ~25%
-# faster than numpy's casting shift for bfloat16 here).
+# Wire dtypes a float32 receiver widens from: each chunk is viewed in place (torch.frombuffer)
+# and converted straight into the float32 destination by torch (exact; ~25% less CPU than the
+# numpy 16-bit shift it replaced for bfloat16).
 _WIDEN_FROM = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 # torch.frombuffer warns once per process that a read-only buffer (a received chunk) gives a
 # writable tensor; the chunk views made here are only read.
