@@ -216,3 +216,37 @@ def test_a_capped_server_cuts_chunks_to_a_quarter_second(grpc_peers: GrpcPeers) 
     edge = {"rank": "0", "neighbor": "1"}
     chunks = a.metrics.registry.get_sample_value("decentlam_exchange_received_chunks_total", edge)
     assert chunks == 4
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="kernel thread names: Linux")
+def test_the_event_loop_thread_has_a_kernel_name_and_its_cpu_is_charged_to_it() -> None:
+    """``top -H`` and ``/proc`` show the communicator's loop as ``decentlam-r<rank>``, and
+    ``benchmarks/_cpu.py`` charges that thread's CPU to the "event loop" group."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "_cpu.py"
+    spec = importlib.util.spec_from_file_location("_cpu", path)
+    assert spec is not None and spec.loader is not None
+    cpu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cpu)
+
+    import os
+
+    before = cpu.snapshot([os.getpid()])
+    comm = GrpcCommunicator.start(7, {}, world_size=8)
+    try:
+        names = [name for name, _ in cpu.thread_seconds(os.getpid()).values()]
+        assert "decentlam-r7" in names
+        vector = torch.randn(1 << 20)
+        for step in range(20):  # some work for the loop thread: publishing versions
+            comm.publish("x", vector, step)
+        spent = cpu.charged(before, cpu.snapshot([os.getpid()]), {os.getpid(): "peer"})
+    finally:
+        comm.close()
+    assert spent["peer event loop"] > 0.0
+    parts = sum(v for k, v in spent.items() if k != "peer total")
+    assert parts == pytest.approx(spent["peer total"])
+    assert cpu.thread_group("decentlam-r12") == "event loop"
+    assert cpu.thread_group("event_engine") == "gRPC C-core"
+    assert cpu.thread_group("python") == "other Python"

@@ -268,7 +268,7 @@ class GrpcCommunicator(Communicator):
         config = config or ExchangeConfig()
         world_size = world_size or max([rank, *peers]) + 1
         metrics = ExchangeMetrics(registry or CollectorRegistry(), rank)
-        loop_thread = LoopThread(f"decentlam-peer-{rank}")
+        loop_thread = LoopThread(f"decentlam-peer-{rank}", os_name=f"decentlam-r{rank}")
         try:
             node = loop_thread.run(
                 PeerNode.create(rank, world_size, topology, config, bind, metrics),

@@ -20,8 +20,10 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import ctypes
 import logging
 import re
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Coroutine, Iterator
@@ -64,6 +66,7 @@ from peer.transport.grpc.wire import (
 logger = logging.getLogger(__name__)
 
 OLDEST_STEP_KEY = "x-decentlam-oldest-step"
+PR_SET_NAME = 15  # <linux/prctl.h>
 # The server lets clients ping every 10 s without data; clients ping every 20 s (client.py), so
 # neighbours never earn a GOAWAY "too_many_pings".
 SERVER_MIN_PING_INTERVAL_MS = 10_000
@@ -403,19 +406,36 @@ def create_server(
     return server, port
 
 
+def set_os_thread_name(name: str) -> bool:
+    """Give the calling thread ``name`` (cut to 15 bytes) in the kernel, where ``top -H``,
+    ``ps -L`` and ``/proc/<pid>/task/<tid>/comm`` show it; Python's own thread names stay
+    inside the interpreter. Returns False where ``prctl`` is unavailable (not Linux)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(PR_SET_NAME, name.encode()[:15], 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
 class LoopThread:
     """A daemon thread running its own asyncio event loop.
 
     Args:
         name: thread name (shows in stack dumps).
+        os_name: the name the kernel shows (``top -H``, ``/proc``; at most 15 bytes); default
+            ``name``.
     """
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, os_name: str | None = None) -> None:
+        self._os_name = name if os_name is None else os_name
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
+        set_os_thread_name(self._os_name)
         asyncio.set_event_loop(self.loop)
         try:
             self.loop.run_forever()
