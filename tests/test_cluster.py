@@ -126,6 +126,10 @@ def test_launch_digits_writes_summary_and_checkpoints(tmp_path: Path, capsys) ->
         assert len(steps) == len(blocked) == 30
         assert sum(steps) / 30 == pytest.approx(peer["mean_iteration_seconds"], rel=1e-3)
         assert all(0.0 <= b <= s for s, b in zip(steps, blocked, strict=True))
+        cpu, training_cpu = peer["step_cpu_seconds"], peer["step_training_cpu_seconds"]
+        assert len(cpu) == len(training_cpu) == 30
+        # the process's CPU includes the training thread's; both are positive every step
+        assert all(0.0 < t <= c + 1e-5 for c, t in zip(cpu, training_cpu, strict=True))
         assert (out / f"rank-{rank}.pt").exists()
         assert (out / "logs" / f"rank-{rank}.log").exists()
     assert "mean test accuracy" in printed

@@ -95,6 +95,10 @@ class TrainResult:
     # benchmark can drop warm-up steps or plot the step times.
     step_seconds: list[float] = field(default_factory=list)
     step_blocked_seconds: list[float] = field(default_factory=list)
+    # CPU seconds of every iteration: the whole process (all threads) and the training thread
+    # alone; the difference is what the exchange's threads (event loop, grpc) took meanwhile.
+    step_cpu_seconds: list[float] = field(default_factory=list)
+    step_training_cpu_seconds: list[float] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -249,6 +253,8 @@ class Trainer:
         self.model.train()
         iteration_times: list[float] = []
         blocked_times: list[float] = []
+        cpu_times: list[float] = []
+        training_cpu_times: list[float] = []
         bytes_received = 0
         max_staleness_seen = 0
         loss_value = math.nan
@@ -259,6 +265,7 @@ class Trainer:
         started = time.perf_counter()
         while self.step < self.config.steps and not self.stop_event.is_set():
             begin = time.perf_counter()
+            begin_cpu, begin_thread_cpu = time.process_time(), time.thread_time()
             batch = next(batches)
             self.optimizer.zero_grad()
             loss = self.task.loss(self.model, batch)
@@ -297,6 +304,8 @@ class Trainer:
             self.step += 1
             iteration_times.append(elapsed)
             blocked_times.append(blocked)
+            cpu_times.append(time.process_time() - begin_cpu)
+            training_cpu_times.append(time.thread_time() - begin_thread_cpu)
             if self.metrics is not None:
                 self.metrics.record_iteration(
                     step=self.step,
@@ -363,6 +372,8 @@ class Trainer:
             failed=gave_up is not None,
             step_seconds=[round(t, 6) for t in iteration_times],
             step_blocked_seconds=[round(t, 6) for t in blocked_times],
+            step_cpu_seconds=[round(t, 6) for t in cpu_times],
+            step_training_cpu_seconds=[round(t, 6) for t in training_cpu_times],
         )
 
 
