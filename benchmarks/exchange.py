@@ -19,7 +19,13 @@ times one transfer of every row, in a rotating order), so load from other proces
 shared machine hits every row alike and the ratios stay meaningful. Each side of every gRPC row
 reports its peak RSS against its RSS before the vectors were allocated.
 
-Prints a table (GB/s of the float32 vector and the ratio to gloo), writes JSON (``--out``).
+Each transfer's processes are also charged the CPU they spent during it, per thread group
+(``benchmarks/_cpu.py``: receiver event loop and its workers, grpc C-core threads, sender):
+half the sum of both sides is the least wall time the transfer can take when both share this
+machine's 2 cores, which tells a CPU-bound row from one that waits.
+
+Prints a table (GB/s of the float32 vector and the ratio to gloo) and the CPU table, writes JSON
+(``--out``; each row's ``cpu_ms``).
 
 Usage::
 
@@ -32,6 +38,7 @@ import argparse
 import json
 import logging
 import multiprocessing as mp
+import os
 import resource
 import socket
 import statistics
@@ -42,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _cpu import charged, snapshot
 
 from peer.transport.grpc.communicator import ExchangeConfig, GrpcCommunicator
 from peer.transport.grpc.framing import DEFAULT_CHECKSUM, checksum
@@ -225,13 +233,19 @@ class Pool:
     def __init__(self, ctx: Any) -> None:
         self.ctx = ctx
         self.procs: list[Any] = []
+        self._pids: dict[int, int] = {}
 
     def spawn(self, target: Any, *args: Any) -> Any:
         parent, child = self.ctx.Pipe()
         proc = self.ctx.Process(target=target, args=(child, *args) if args else (child,))
         proc.start()
         self.procs.append(proc)
+        self._pids[id(parent)] = proc.pid
         return parent
+
+    def pid(self, pipe: Any) -> int:
+        """The process at the other end of ``pipe`` (one that :meth:`spawn` returned)."""
+        return self._pids[id(pipe)]
 
     def join(self) -> None:
         for proc in self.procs:
@@ -255,25 +269,36 @@ def run_interleaved(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
         gloo[0].recv()
         tcp.recv()
         keys_by_wire = {wire: pipe.recv() for wire, pipe in clients.items()}
-        rows: list[tuple[float, str, Any, Any]] = []
+        # Each row: size, label, control pipe, command, {pid: role} of the transfer's processes.
+        rows: list[tuple[float, str, Any, Any, dict[int, str]]] = []
+
+        def roles(receiver: Any, sender: Any) -> dict[int, str]:
+            return {pool.pid(receiver): "receiver", pool.pid(sender): "sender"}
+
         for size in args.sizes_mb:
-            rows.append((size, "gloo send/recv", gloo[0], size))
-            rows.append((size, "raw TCP", tcp, size))
+            rows.append((size, "gloo send/recv", gloo[0], size, roles(gloo[0], gloo[1])))
+            rows.append((size, "raw TCP", tcp, size, roles(tcp, tcp_server)))
             for wire, pipe in clients.items():
                 keys = keys_by_wire[wire]
+                sides = roles(pipe, servers[wire])
                 for key in keys:
-                    rows.append((size, f"gRPC {wire} {key}", pipe, (key, size, False)))
-                rows.append(
-                    (size, f"gRPC {wire} {keys[0]} fresh buffer", pipe, (keys[0], size, True))
-                )
-        samples: dict[tuple[float, str], list[float]] = {(s, n): [] for s, n, _, _ in rows}
+                    rows.append((size, f"gRPC {wire} {key}", pipe, (key, size, False), sides))
+                fresh = (keys[0], size, True)
+                rows.append((size, f"gRPC {wire} {keys[0]} fresh buffer", pipe, fresh, sides))
+        samples: dict[tuple[float, str], list[float]] = {(r[0], r[1]): [] for r in rows}
+        cpu: dict[tuple[float, str], dict[str, float]] = {(r[0], r[1]): {} for r in rows}
         for round_index in range(args.warmup + args.repeats):
             shift = round_index % len(rows)
-            for size, name, pipe, command in rows[shift:] + rows[:shift]:
+            for size, name, pipe, command, sides in rows[shift:] + rows[:shift]:
+                before = snapshot(sides)
                 pipe.send(command)
                 seconds = pipe.recv()
                 if round_index >= args.warmup:
                     samples[(size, name)].append(seconds)
+                    spent = charged(before, snapshot(sides), sides)
+                    totals = cpu[(size, name)]
+                    for key, value in spent.items():
+                        totals[key] = totals.get(key, 0.0) + value / args.repeats
         gloo[0].send(STOP)
         tcp.send(STOP)
         rss = {}
@@ -284,7 +309,7 @@ def run_interleaved(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
             rss[f"{wire} peer-like client"] = probe.recv()
             servers[wire].send(STOP)
             rss[f"{wire} server"] = servers[wire].recv()
-        return {"samples": samples, "rss": rss}
+        return {"samples": samples, "cpu": cpu, "rss": rss}
     finally:
         pool.join()
         tmp.cleanup()
@@ -357,6 +382,32 @@ def bench_throttle(args: argparse.Namespace, ctx: Any) -> dict[str, float]:
         pool.join()
 
 
+def print_cpu(rows: list[dict[str, Any]], cores: int) -> None:
+    """CPU per transfer (means over the timed rounds) and the wall time it implies on ``cores``.
+
+    ``both / cores`` is a lower bound on the transfer's wall time when the two sides share this
+    machine's cores: a row whose median is near it is CPU-bound, not waiting on the network.
+    """
+    print(
+        f"\nCPU per transfer, ms (receiver: event loop and its worker threads / gRPC C-core "
+        f"threads / other Python; {cores} cores here)"
+    )
+    print(
+        f"{'size':>8} {'transport':<46} {'receiver':>8} {'loop':>6} {'C-core':>6} {'other':>6} "
+        f"{'sender':>7} {'both':>6} {f'/{cores}':>6} {'median':>7}"
+    )
+    for row in rows:
+        cpu = row["cpu_ms"]
+        both = cpu.get("receiver total", 0.0) + cpu.get("sender total", 0.0)
+        print(
+            f"{row['size_mb']:>6g}MB {row['transport']:<46} {cpu.get('receiver total', 0.0):>8.1f} "
+            f"{cpu.get('receiver event loop', 0.0):>6.1f} "
+            f"{cpu.get('receiver gRPC C-core', 0.0):>6.1f} "
+            f"{cpu.get('receiver other Python', 0.0):>6.1f} {cpu.get('sender total', 0.0):>7.1f} "
+            f"{both:>6.1f} {both / cores:>6.1f} {row['median_seconds'] * 1e3:>7.1f}"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run every benchmark, print the table and write the JSON; returns the exit status."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -398,11 +449,13 @@ def main(argv: list[str] | None = None) -> int:
             "gb_per_s": nbytes / seconds / 1e9,
             "ratio_to_gloo": seconds / gloo,
         }
+        row["cpu_ms"] = {k: v * 1e3 for k, v in sorted(measured["cpu"][(size, name)].items())}
         rows.append(row)
         print(
             f"{size:>6g}MB {name:<46} {seconds * 1e3:>10.1f} {row['gb_per_s']:>7.2f} "
             f"{row['ratio_to_gloo']:>7.2f}"
         )
+    print_cpu(rows, os.cpu_count() or 1)
     payload = memoryview(_vector(max(args.sizes_mb)).numpy()).cast("B")
     target = memoryview(bytearray(len(payload)))
     crc_seconds = _median_seconds(lambda: zlib.crc32(payload), 5, 1)
