@@ -51,10 +51,12 @@ def test_every_manifest_setting_reaches_the_transport() -> None:
         bandwidth_bytes_per_second=1000,
         parallel_streams=3,
         verify_checksums=False,
+        blocking_receive=True,
     )
     manifest = parse_manifest(data)
     config = _exchange_config(manifest, token="t")
     assert config.verify_checksums is False and not config.verifies_checksums
+    assert config.blocking_receive is True
     for name in MANIFEST_SETTINGS:
         assert getattr(config, name) == getattr(manifest.exchange, name), name
     assert config.token == "t" and config.manifest_digest == manifest.digest()

@@ -541,6 +541,14 @@ class ExchangeSpec:
             "(TCP's own checksum remains)."
         ),
     ] = None
+    blocking_receive: Annotated[
+        StrictBool,
+        Field(
+            description="Read neighbours' streams in worker threads over synchronous gRPC "
+            "channels instead of on the peer's event loop: about half the receiver's CPU per "
+            "byte for large vectors (benchmarks/exchange.py), one more thread holding the GIL."
+        ),
+    ] = False
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form, as written in the manifest."""

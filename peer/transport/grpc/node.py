@@ -113,9 +113,9 @@ class ExchangeConfig:
         channels_per_neighbor: TCP connections to each neighbour; the parallel range streams
             of a large fetch spread over them (one each up to ``parallel_streams``).
         blocking_receive: read Fetch streams in worker threads over synchronous grpc channels
-            (less client CPU per byte at 1 MiB chunks in benchmarks/exchange.py, but one more
-            thread competing with training for the GIL); False (default) reads them on the
-            peer's event loop.
+            (about half the receiver's CPU per byte for a 100 MB vector in
+            benchmarks/exchange.py, but one more thread competing with training for the GIL);
+            False (default) reads them on the peer's event loop.
         stall_seconds: a neighbour with a fetch pending that sends nothing and answers no Info
             for this long is reported stalled (log, ``decentlam_neighbor_stalls_total``, the
             stall listener) until something arrives from it again; the fetch goes on.
@@ -153,7 +153,7 @@ class ExchangeConfig:
     verify_checksums: bool | None = _SPEC.verify_checksums
     tune_malloc: bool = True
     channels_per_neighbor: int = 1
-    blocking_receive: bool = False
+    blocking_receive: bool = _SPEC.blocking_receive
     trace_dir: str | None = None
 
     @property
@@ -214,6 +214,7 @@ MANIFEST_SETTINGS: tuple[str, ...] = (
     "wire_dtype",
     "stall_seconds",
     "verify_checksums",
+    "blocking_receive",
 )
 
 
