@@ -130,6 +130,10 @@ def test_launch_digits_writes_summary_and_checkpoints(tmp_path: Path, capsys) ->
         assert len(cpu) == len(training_cpu) == 30
         # the process's CPU includes the training thread's; both are positive every step
         assert all(0.0 < t <= c + 1e-5 for c, t in zip(cpu, training_cpu, strict=True))
+        # waiting for a core (Linux schedstat) is part of the step's time
+        queued = peer["step_training_runqueue_seconds"]
+        assert len(queued) == 30
+        assert all(0.0 <= q <= s for q, s in zip(queued, steps, strict=True))
         assert (out / f"rank-{rank}.pt").exists()
         assert (out / "logs" / f"rank-{rank}.log").exists()
     assert "mean test accuracy" in printed

@@ -6,7 +6,11 @@ in ``test_cluster.py``.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +21,7 @@ from peer.simulation.problems import LinearRegressionProblem
 from peer.simulation.simulator import Simulator
 from peer.training.optim import make_optimizer
 from peer.training.tasks import build_task
-from peer.training.trainer import Trainer, TrainerConfig
+from peer.training.trainer import Trainer, TrainerConfig, thread_runqueue_seconds
 from peer.transport.memory import InMemoryCommunicator, InMemoryFabric
 from topology import make_topology
 
@@ -149,3 +153,34 @@ def test_resume_after_a_stop_that_left_peers_a_step_apart(tmp_path: Path) -> Non
     resumed = _run_threads("decentlam", "ring", 20, overlap=True, out=tmp_path, resume=True)
     for rank in range(N):
         assert torch.equal(resumed[rank][1], full[rank][1])
+
+
+def test_runqueue_time_counts_waiting_for_a_core() -> None:
+    """The training thread's run-queue time (``step_training_runqueue_seconds``) is time spent
+    runnable without a core: pinned to the CPU a spinning process holds, a thread that burns
+    0.2 s of CPU waits for about as long again."""
+    if thread_runqueue_seconds() is None or not hasattr(os, "sched_setaffinity"):
+        pytest.skip("no /proc/thread-self/schedstat or CPU affinity on this platform")
+    old = os.sched_getaffinity(0)
+    cpu = min(old)
+    spin = f"import os\nos.sched_setaffinity(0, {{{cpu}}})\nwhile True:\n    pass\n"
+    busy = subprocess.Popen([sys.executable, "-c", spin])
+    try:
+        os.sched_setaffinity(0, {cpu})  # this thread only (Linux: pid 0 is the calling thread)
+        time.sleep(0.3)  # the spinner is up and pinned
+        before = thread_runqueue_seconds()
+        started = time.thread_time()
+        while time.thread_time() - started < 0.2:
+            pass
+        after = thread_runqueue_seconds()
+    finally:
+        os.sched_setaffinity(0, old)
+        busy.kill()
+        busy.wait(timeout=10)
+    assert before is not None and after is not None
+    assert after - before > 0.05
+    # a sleeping thread is not runnable: no run-queue time however long it sleeps
+    idle = thread_runqueue_seconds()
+    time.sleep(0.2)
+    end = thread_runqueue_seconds()
+    assert idle is not None and end is not None and end - idle < 0.05

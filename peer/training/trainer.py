@@ -99,10 +99,24 @@ class TrainResult:
     # alone; the difference is what the exchange's threads (event loop, grpc) took meanwhile.
     step_cpu_seconds: list[float] = field(default_factory=list)
     step_training_cpu_seconds: list[float] = field(default_factory=list)
+    # Seconds the training thread was runnable but waiting for a core in every iteration
+    # (Linux schedstat; empty elsewhere): CPU contention, as opposed to waiting on a lock
+    # (the GIL) or an exchange, which the thread spends asleep.
+    step_training_runqueue_seconds: list[float] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
         return asdict(self)
+
+
+def thread_runqueue_seconds() -> float | None:
+    """Seconds the calling thread has spent runnable but not running (waiting for a core),
+    from ``/proc/thread-self/schedstat``; None where the kernel does not report it."""
+    try:
+        with open("/proc/thread-self/schedstat") as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def flat_vector(model: torch.nn.Module) -> torch.Tensor:
@@ -255,6 +269,7 @@ class Trainer:
         blocked_times: list[float] = []
         cpu_times: list[float] = []
         training_cpu_times: list[float] = []
+        queued_times: list[float] = []
         bytes_received = 0
         max_staleness_seen = 0
         loss_value = math.nan
@@ -266,6 +281,7 @@ class Trainer:
         while self.step < self.config.steps and not self.stop_event.is_set():
             begin = time.perf_counter()
             begin_cpu, begin_thread_cpu = time.process_time(), time.thread_time()
+            begin_queued = thread_runqueue_seconds()
             batch = next(batches)
             self.optimizer.zero_grad()
             loss = self.task.loss(self.model, batch)
@@ -306,6 +322,9 @@ class Trainer:
             blocked_times.append(blocked)
             cpu_times.append(time.process_time() - begin_cpu)
             training_cpu_times.append(time.thread_time() - begin_thread_cpu)
+            queued = thread_runqueue_seconds()
+            if queued is not None and begin_queued is not None:
+                queued_times.append(queued - begin_queued)
             if self.metrics is not None:
                 self.metrics.record_iteration(
                     step=self.step,
@@ -374,6 +393,7 @@ class Trainer:
             step_blocked_seconds=[round(t, 6) for t in blocked_times],
             step_cpu_seconds=[round(t, 6) for t in cpu_times],
             step_training_cpu_seconds=[round(t, 6) for t in training_cpu_times],
+            step_training_runqueue_seconds=[round(t, 6) for t in queued_times],
         )
 
 
