@@ -24,7 +24,8 @@ The warm-up steps hold start-up and, for the pipeline, a first step that also wa
 exchange.
 
     python benchmarks/overlap.py [--steps 120] [--warmup-steps 10] [--repeats 1] [--bandwidth 4e6]
-        [--bucket-bytes 65536] [--pipeline-bucket-bytes 4194304]
+        [--bucket-bytes 65536] [--pipeline-bucket-bytes 4194304] [--offloaded-compute-ms 0]
+        [--pipeline-only] [--blocking-receive]
 
 Prints a table and writes JSON (``--out``, default ``benchmarks/results/overlap.json``).
 """
@@ -34,6 +35,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import statistics
 import sys
 import tempfile
@@ -61,6 +63,7 @@ def write_manifest(path: Path, args: argparse.Namespace, bucket_bytes: int) -> P
         manifest.exchange,
         bandwidth_bytes_per_second=int(args.bandwidth),
         bucket_bytes=bucket_bytes,
+        blocking_receive=args.blocking_receive,
     )
     path.write_text(dump_manifest(dataclasses.replace(manifest, exchange=exchange)))
     return path
@@ -89,6 +92,7 @@ def run(
     blocked: list[float] = []
     process_cpu: list[float] = []
     training_cpu: list[float] = []
+    queued: list[float] = []
     for rank in (0, 1):
         result = json.loads((out / f"peer-{rank}.json").read_text())
         steps = len(result["step_seconds"])
@@ -98,6 +102,7 @@ def run(
         blocked += result["step_blocked_seconds"][warmup:]
         process_cpu += result["step_cpu_seconds"][warmup:]
         training_cpu += result["step_training_cpu_seconds"][warmup:]
+        queued += result.get("step_training_runqueue_seconds", [])[warmup:]
     mean_iteration, mean_blocked = statistics.mean(iterations), statistics.mean(blocked)
     return {
         "iteration_seconds": mean_iteration,
@@ -109,11 +114,12 @@ def run(
         "training_cpu_seconds": statistics.mean(training_cpu),
         "exchange_cpu_seconds": statistics.mean(process_cpu) - statistics.mean(training_cpu),
         # Wall time of the compute that the training thread spent neither on a CPU nor asleep
-        # in the offloaded compute: waiting for a core or for the GIL.
+        # in the offloaded compute: waiting for a core (the run-queue part) or for the GIL.
         "training_waiting_seconds": mean_iteration
         - mean_blocked
         - statistics.mean(training_cpu)
         - offloaded_seconds,
+        "training_runqueue_seconds": statistics.mean(queued) if queued else math.nan,
     }
 
 
@@ -143,6 +149,11 @@ def main(argv: list[str] | None = None) -> int:
         "--pipeline-only",
         action="store_true",
         help="skip the small-bucket blocking and overlapped runs",
+    )
+    parser.add_argument(
+        "--blocking-receive",
+        action="store_true",
+        help="exchange.blocking_receive: read streams in worker threads, not on the event loop",
     )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/overlap.json"))
     args = parser.parse_args(argv)
@@ -240,6 +251,16 @@ def main(argv: list[str] | None = None) -> int:
             "training thread waiting (overlap/pipeline)",
             median("overlapped", "training_waiting_seconds"),
             median("pipelined", "training_waiting_seconds"),
+        ),
+        (
+            "  of which waiting for a core (blocking run)",
+            median("blocking", "training_runqueue_seconds"),
+            median("blocking_large", "training_runqueue_seconds"),
+        ),
+        (
+            "  of which waiting for a core (overlap/pipeline)",
+            median("overlapped", "training_runqueue_seconds"),
+            median("pipelined", "training_runqueue_seconds"),
         ),
     ):
         cells = [f"{v * 1e3:9.1f} ms" if v is not None else f"{'':>12}"
