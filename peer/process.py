@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import torch
 
 from peer import __version__
-from peer.algorithms.rules import make_rule
+from peer.algorithms.rules import staleness_cost
 from peer.errors import ExchangeError
 from peer.faults import FaultInjector
 from peer.rejoin import Rejoiner, StepBoundaryState, process_start_time
@@ -320,12 +320,7 @@ def run_peer(options: PeerOptions) -> TrainResult:
             f"max_staleness {staleness} with {training.algorithm}"
         )
     if staleness > 0 and training.algorithm == "decentlam":
-        # Staleness-aware DecentLaM (docs/async-decentlam.md): stable, but slower per step.
-        logger.info(
-            "DecentLaM with max_staleness=%d uses the staleness-aware coefficients %s",
-            staleness,
-            make_rule("decentlam", training.momentum, max_staleness=staleness),
-        )
+        logger.warning("%s", staleness_cost(training.momentum, staleness))
     out_dir = Path(options.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     topology = manifest.build_topology()

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from peer.algorithms.rules import DecentLaMRule, make_rule
+from peer.algorithms.rules import DecentLaMRule, make_rule, staleness_cost
 from peer.algorithms.stability import (
     characteristic_polynomial,
     companion_matrix,
@@ -74,6 +74,17 @@ def test_stable_coefficients_satisfy_the_condition(bound: int) -> None:
     assert 0.0 < alpha <= 1.0 and 0.0 <= beta <= 0.9
     assert worst_spectral_radius(alpha, beta, stability_delay(bound)) < 1.0
     assert stable_coefficients(0.9, 0) == (1.0, 0.9)
+
+
+def test_effective_step_shows_what_the_staleness_bound_costs() -> None:
+    assert DecentLaMRule(0.9).effective_step == pytest.approx(10.0)
+    alpha, beta = stable_coefficients(0.9, 1)
+    stale = DecentLaMRule(0.9, max_staleness=1)
+    assert stale.effective_step == pytest.approx(alpha / (1.0 - beta))
+    assert 0.5 < stale.effective_step < 2.0  # acceleration given up for stability
+    message = staleness_cost(0.9, 1)
+    assert "max_staleness=1" in message and f"{stale.effective_step:.2f} lr" in message
+    assert "10.00 lr synchronously" in message
 
 
 def test_rule_at_zero_staleness_is_decentlam_bit_for_bit() -> None:

@@ -227,6 +227,15 @@ class DecentLaMRule(_MomentumRule):
             self.momentum, self.max_staleness
         )
 
+    @property
+    def effective_step(self) -> float:
+        """How far the averaged model moves per step, in learning rates: ``alpha / (1 - beta')``.
+
+        ``1 / (1 - beta)`` synchronously (10 for momentum 0.9); with a staleness bound the
+        stable coefficients bring it to about 1 (docs/async-decentlam.md).
+        """
+        return self.gradient_scale / (1.0 - self.effective_momentum)
+
     def outgoing(self, x: Tensor, g: Tensor, state: State, lr: float, step: int) -> Tensor:
         return x - lr * g
 
@@ -352,6 +361,31 @@ def make_rule(
         return DecentLaMRule(momentum=momentum, max_staleness=max_staleness)
     rule_class: Any = _RULES[key]  # every concrete rule takes momentum=
     return rule_class(momentum=momentum)
+
+
+def staleness_cost(momentum: float, max_staleness: int) -> str:
+    """One line telling a user what a staleness bound costs DecentLaM per step.
+
+    The staleness-aware coefficients keep the run stable and its fixed point unbiased, but they
+    give up momentum's acceleration (docs/async-decentlam.md): the averaged model moves
+    :attr:`DecentLaMRule.effective_step` learning rates per step instead of ``1 / (1 - beta)``.
+
+    Args:
+        momentum: the configured ``beta``.
+        max_staleness: ``T > 0``.
+
+    Returns:
+        The message (the peer logs it as a warning at start).
+    """
+    asynchronous = DecentLaMRule(momentum=momentum, max_staleness=max_staleness)
+    synchronous = DecentLaMRule(momentum=momentum)
+    return (
+        f"DecentLaM with max_staleness={max_staleness} runs alpha="
+        f"{asynchronous.gradient_scale:.3g}, beta'={asynchronous.effective_momentum:.2f} to stay "
+        f"stable and unbiased: the averaged model moves {asynchronous.effective_step:.2f} lr per "
+        f"step against {synchronous.effective_step:.2f} lr synchronously, so it needs more steps "
+        f"or a larger lr (docs/async-decentlam.md)"
+    )
 
 
 def uses_global_average(rule: UpdateRule, step: int, global_average_every: int = 0) -> bool:
