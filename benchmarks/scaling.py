@@ -14,7 +14,8 @@ bytes each host's interface sent and received per iteration (``/proc/net/dev`` i
 namespace, start-up included, divided by the steps), next to the model size. Needs root.
 
     python benchmarks/scaling.py [--nodes 2,4,8] [--rates 25mbit,100mbit] [--steps 30]
-        [--hidden 512] [--methods ...] [--trace] [--out benchmarks/results/scaling.json]
+        [--hidden 512] [--methods ...] [--congestion-control cubic] [--trace]
+        [--out benchmarks/results/scaling.json]
         [--plot ...png]
 
 ``--trace`` records both ends of every gRPC transfer (``decentlam peer --trace-exchanges``) and
@@ -193,6 +194,12 @@ def main() -> int:
         help="trace every gRPC transfer (decentlam peer --trace-exchanges) and report how many "
         "shared their sender's uplink and how long those and the others took",
     )
+    parser.add_argument(
+        "--congestion-control",
+        default="cubic",
+        help="every host's TCP congestion control (default cubic, Linux's default; BBR v1 flows "
+        "sharing a capped drop-tail link lose ~20%% of it, README)",
+    )
     parser.add_argument("--work", type=Path, help="keep run directories (logs) here")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks/results/scaling.json")
     parser.add_argument("--plot", type=Path, default=REPO_ROOT / "benchmarks/results/scaling.png")
@@ -212,7 +219,7 @@ def main() -> int:
     print(f"run directories (logs) in {work}", flush=True)
     for rate in args.rates.split(","):
         for n in (int(x) for x in args.nodes.split(",")):
-            hosts = NetnsHosts(n).up()
+            hosts = NetnsHosts(n, congestion_control=args.congestion_control).up()
             try:
                 for h in range(n):
                     hosts.cap(h, rate)

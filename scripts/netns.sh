@@ -11,6 +11,10 @@
 #   scripts/netns.sh ns HOST         print HOST's namespace name
 #   scripts/netns.sh addr HOST       print HOST's address
 #
+# Every host's TCP congestion control is $DECENTLAM_NETNS_CC (default cubic, Linux's default), not
+# whatever this machine runs (a new namespace inherits the machine's default: BBR on some VMs,
+# and BBR v1 flows sharing a capped link with a drop-tail queue lose ~20% of it; README).
+#
 # Everything lives in namespaces named after $DECENTLAM_NETNS (default "dlnet"): the hosts
 # "<prefix>-h<i>" and a switch "<prefix>-sw" that holds the bridge, so nothing is added to the
 # machine's own network namespace and runs with different prefixes never collide (the same
@@ -22,6 +26,7 @@ set -euo pipefail
 PREFIX=${DECENTLAM_NETNS:-dlnet}
 SUBNET=${DECENTLAM_NETNS_SUBNET:-10.77.0}
 SWITCH="$PREFIX-sw"
+CC=${DECENTLAM_NETNS_CC:-cubic}
 
 die() { echo "netns.sh: $*" >&2; exit 2; }
 host_ns() { echo "$PREFIX-h$1"; }
@@ -33,6 +38,20 @@ check_host() {
 }
 [[ ${#PREFIX} -le 10 && "$PREFIX" =~ ^[a-z0-9]+$ ]] \
     || die "DECENTLAM_NETNS must be 1-10 lowercase letters/digits (interface names), got '$PREFIX'"
+
+# A namespace may only choose a congestion control the machine marks as allowed; writing the
+# allowed list (with the algorithm added) marks it. Changes nothing else on the machine.
+set_cc() {
+    local ns=$1 allowed
+    ip netns exec "$ns" sysctl -qw "net.ipv4.tcp_congestion_control=$CC" 2>/dev/null && return
+    grep -qw "$CC" /proc/sys/net/ipv4/tcp_available_congestion_control \
+        || die "TCP congestion control '$CC' is not available here (modprobe tcp_$CC?)"
+    allowed=$(sysctl -n net.ipv4.tcp_allowed_congestion_control)
+    [[ " $allowed " == *" $CC "* ]] || allowed="$allowed $CC"
+    sysctl -qw net.ipv4.tcp_allowed_congestion_control="$allowed"
+    ip netns exec "$ns" sysctl -qw "net.ipv4.tcp_congestion_control=$CC" \
+        || die "cannot set TCP congestion control '$CC' in $ns"
+}
 
 up() {
     local n=$1 i ns
@@ -51,6 +70,7 @@ up() {
         ip -n "$SWITCH" link set "$(port_dev "$i")" master br0 up
         ip -n "$ns" addr add "$(host_addr "$i")/24" dev eth0
         ip -n "$ns" link set eth0 up
+        set_cc "$ns"
         mkdir -p "/etc/netns/$ns"
         {
             echo "127.0.0.1 localhost"

@@ -58,17 +58,25 @@ class NetnsHosts:
     Args:
         n: number of hosts.
         subnet: first three octets of the hosts' /24.
+        congestion_control: every host's TCP congestion control (``cubic``, Linux's default,
+            unless said; a namespace would otherwise inherit this machine's, BBR on some VMs).
     """
 
-    def __init__(self, n: int, subnet: str = "10.77.0") -> None:
+    def __init__(self, n: int, subnet: str = "10.77.0", congestion_control: str = "cubic") -> None:
         self.n = n
         self.subnet = subnet
+        self.congestion_control = congestion_control
         self.prefix = f"dl{secrets.token_hex(3)}"
         self.processes: list[subprocess.Popen[bytes]] = []
         self._up = False
 
     def _script(self, *args: str) -> str:
-        env = {**os.environ, "DECENTLAM_NETNS": self.prefix, "DECENTLAM_NETNS_SUBNET": self.subnet}
+        env = {
+            **os.environ,
+            "DECENTLAM_NETNS": self.prefix,
+            "DECENTLAM_NETNS_SUBNET": self.subnet,
+            "DECENTLAM_NETNS_CC": self.congestion_control,
+        }
         done = subprocess.run(
             [str(SCRIPT), *args],
             capture_output=True,

@@ -1,5 +1,5 @@
-"""The namespace-host harness itself: addresses and names resolve, a rate cap holds, a cut
-link is a black hole until restored, and teardown leaves nothing behind."""
+"""The namespace-host harness itself: addresses and names resolve, hosts run cubic, a rate cap
+holds, a cut link is a black hole until restored, and teardown leaves nothing behind."""
 
 from __future__ import annotations
 
@@ -45,6 +45,9 @@ def test_cap_cut_restore_and_teardown(netns_hosts) -> None:  # noqa: F811
         if send(1).returncode == 0:
             break
         time.sleep(0.2)
+    for host in range(2):  # not the machine's default (BBR on some VMs): see scripts/netns.sh
+        cc = hosts.run(host, ["sysctl", "-n", "net.ipv4.tcp_congestion_control"]).stdout
+        assert cc.strip() == "cubic"
     hosts.cap(1, "8mbit")
     seconds = float(send(1_000_000).stdout)  # 8 Mbit at 8 Mbit/s: about 1 s
     assert 0.8 < seconds < 5.0, seconds
