@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+_EPSILON = 1e-12  # seconds: event times that differ by rounding only are the same event
 
 
 @dataclass
@@ -92,8 +93,8 @@ def simulate(
         still = []
         for puller, step in waiting:
             sender = source(puller, step, n)
-            ready = published[puller][step] <= now and (
-                len(published[sender]) > step and published[sender][step] <= now
+            ready = published[puller][step] <= now + _EPSILON and (
+                len(published[sender]) > step and published[sender][step] <= now + _EPSILON
             )
             if ready:
                 active.append(_Transfer(sender, puller, step, now, 1.0))
@@ -102,7 +103,7 @@ def simulate(
         waiting = still
         rates = _rates(active, transfer, share)
         ends = [t.remaining / r for t, r in zip(active, rates, strict=True) if r > 0]
-        future = [times[-1] - now for times in published.values() if times[-1] > now]
+        future = [times[-1] - now for times in published.values() if times[-1] > now + _EPSILON]
         dt = min(ends + future)
         now += dt
         finished = []

@@ -40,7 +40,8 @@ check_host() {
     || die "DECENTLAM_NETNS must be 1-10 lowercase letters/digits (interface names), got '$PREFIX'"
 
 # A namespace may only choose a congestion control the machine marks as allowed; writing the
-# allowed list (with the algorithm added) marks it. Changes nothing else on the machine.
+# machine's allowed list (with the algorithm added) marks it. That list is the one global change:
+# the machine's own default algorithm stays as it is.
 set_cc() {
     local ns=$1 allowed
     ip netns exec "$ns" sysctl -qw "net.ipv4.tcp_congestion_control=$CC" 2>/dev/null && return
