@@ -22,9 +22,9 @@ Prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
-import math
 import random
 import statistics
 import sys
@@ -33,6 +33,10 @@ from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+from topology import make_topology  # noqa: E402
+
 _EPSILON = 1e-12  # seconds: event times that differ by rounding only are the same event
 
 
@@ -49,8 +53,13 @@ def source(peer: int, step: int, n: int) -> int:
     """The neighbour ``peer`` pulls from at ``step`` on the one-peer exponential graph."""
     if n < 2:
         raise ValueError(f"need at least 2 peers, got {n}")
-    hops = max(1, int(math.log2(n)))
-    return (peer - 2 ** (step % hops)) % n
+    (neighbour,) = _graph(n).graph.in_neighbors(peer, step)  # the peers' own graph
+    return neighbour
+
+
+@functools.cache
+def _graph(n: int) -> Any:
+    return make_topology("one-peer-exponential", n)
 
 
 def simulate(
