@@ -4,7 +4,8 @@ One peer per namespace host (``tests/netns.py``), every host's link capped both 
 ``tc tbf`` (25 and 100 Mbit/s by default), n = 2, 4, 8. Methods: DecentLaM over gRPC on the
 one-peer exponential graph and on the ring, and PmSGD (gloo ring all-reduce); opt-in with
 ``--methods``, asynchronous pipelined DecentLaM on the one-peer exponential graph and the same
-graph with a bfloat16 wire (``exchange.wire_dtype``). The model is the digits MLP with two wide
+graph with a bfloat16 wire (``exchange.wire_dtype``), and both graphs with the lossless chunk codec
+(``exchange.wire_codec: top-byte-huffman``, rows "... lossless"). The model is the digits MLP with two wide
 hidden layers (``--hidden 512``: 300 k parameters, 1.2 MB in float32) so that compute per step
 is a few milliseconds and the links, not the CPU, set the pace.
 
@@ -66,6 +67,12 @@ METHODS: dict[str, tuple[str, str, float, tuple[str, ...], dict[str, Any]]] = {
     "decentlam one-peer-exp bf16 wire": (
         "decentlam", "one-peer-exponential", 0.5, (), {"wire_dtype": "bfloat16"}
     ),
+    # Opt-in: the float32 exchange coded losslessly (exchange.wire_codec: the sign-and-exponent
+    # byte of every element Huffman-coded; bit-exact, about 0.83 of the bytes).
+    "decentlam one-peer-exp lossless": (
+        "decentlam", "one-peer-exponential", 0.5, (), {"wire_codec": "top-byte-huffman"}
+    ),
+    "decentlam ring lossless": ("decentlam", "ring", 0.9, (), {"wire_codec": "top-byte-huffman"}),
 }  # fmt: skip
 #: The methods run when ``--methods`` is not given.
 DEFAULT_METHODS = ("decentlam one-peer-exp", "decentlam ring", "pmsgd all-reduce")

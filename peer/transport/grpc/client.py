@@ -30,6 +30,7 @@ from peer.errors import (
     StepEvicted,
     WireError,
 )
+from peer.transport.grpc.codec import codec_for
 from peer.transport.grpc.framing import checksum, chunk_count, split_ranges
 from peer.transport.grpc.metrics import ExchangeMetrics
 from peer.transport.grpc.progress import LinkProgress
@@ -76,6 +77,7 @@ class FetchResult:
     """What one successful fetch produced."""
 
     step: int
+    # Chunk bytes received as they crossed the wire (after the wire codec, if any).
     nbytes: int
     chunks: int
     retries: int
@@ -351,6 +353,7 @@ class PeerClient:
                 max_chunk_bytes=chunk_bytes,
                 wire_dtype=expect_like.wire_dtype,
                 verify=expect_like.verify,
+                wire_codec=expect_like.wire_codec,
             )
             return RangeAssembler(expect, dest, widen_into)
 
@@ -359,8 +362,9 @@ class PeerClient:
             # (shape, dtype, total_bytes) instead of as a range the server refuses.
             open_ended = 0 if offset + length == total else length
             return FetchQuery(
-                self.rank, name, hi, lo, chunk_bytes, offset, open_ended, expect_like.wire_dtype
-            )
+                self.rank, name, hi, lo, chunk_bytes, offset, open_ended,
+                expect_like.wire_dtype, expect_like.wire_codec,
+            )  # fmt: skip
 
         first = assembler_for(*ranges[0], min_step, step)
         header_seen: asyncio.Future[int] = asyncio.get_running_loop().create_future()
@@ -396,7 +400,7 @@ class PeerClient:
         header = first.header
         if header is None:  # finish() refuses a stream without a header: cannot happen
             raise WireError(f"no header in the {name!r} stream from peer {self.neighbor}")
-        received = sum(a.received_bytes for a in assemblers)
+        received = sum(a.wire_bytes for a in assemblers)
         return header, received, sum(a.received_chunks for a in assemblers)
 
     async def fetch_into(
@@ -416,6 +420,7 @@ class PeerClient:
         wire_dtype: str = "",
         widen_into: torch.Tensor | None = None,
         verify_checksum: bool = True,
+        wire_codec: str = "",
     ) -> FetchResult:
         """Fetch the neighbour's ``name`` with step in ``[min_step, step]`` into ``dest``.
 
@@ -436,22 +441,24 @@ class PeerClient:
                 differs from ``dtype`` (received chunks are widened into it).
             verify_checksum: checksum the received bytes against the header (False where TLS
                 already protects them or the user opted out).
+            wire_codec: lossless chunk codec to ask for (``exchange.wire_codec``); applied
+                to floating-point payloads only (:func:`~peer.transport.grpc.codec.codec_for`).
 
         Returns:
-            The step served, wire bytes and chunks received and retries used.
+            The step served, wire bytes (after the codec) and chunks received and retries used.
 
         Raises:
             ExchangeTimeout, StepEvicted, AuthError, WireError, PeerUnavailable.
         """
         wire = "" if wire_dtype in ("", dtype) else wire_dtype
-        if wire:
-            if widen_into is None:
-                raise ValueError(f"a {wire} wire payload needs widen_into (the {dtype} tensor)")
-            item = element_size(wire)
-            chunk_bytes = max(item, chunk_bytes - chunk_bytes % item)  # whole elements
+        if wire and widen_into is None:
+            raise ValueError(f"a {wire} wire payload needs widen_into (the {dtype} tensor)")
+        item = element_size(wire or dtype)
+        chunk_bytes = max(item, chunk_bytes - chunk_bytes % item)  # whole elements, as the server
         like = Expectation(
             self.neighbor, name, min_step, step, dtype, shape, 0, 0, chunk_bytes,
             wire_dtype=wire, verify=verify_checksum,
+            wire_codec=codec_for(wire or dtype, wire_codec),
         )  # fmt: skip
         if self.progress is not None:
             self.progress.fetch_started(self.neighbor)

@@ -9,7 +9,10 @@ from memoryview slices of the retained snapshot (:func:`peer.transport.grpc.wire
 once per version and chunk size, and shared by every reader
 (:meth:`peer.transport.grpc.store.Encoding.encoded_chunks`); the response serializer passes bytes
 through. A reader names the wire dtype it wants (``FetchRequest.wire_dtype``); a float32 vector
-is rounded to it once per version.
+is rounded to it once per version. A reader may also ask for a lossless chunk codec
+(``FetchRequest.wire_codec``, :mod:`peer.transport.grpc.codec`): floating-point chunks are then
+coded in a worker thread, the next while the current one is sent, once per version and chunk
+size (:meth:`peer.transport.grpc.store.Encoding.coded_chunks`).
 
 The server runs on a :class:`LoopThread`, a background thread with its own asyncio event loop,
 so the peer's plain synchronous training loop is never blocked and never async.
@@ -33,6 +36,7 @@ from typing import Any, TypeVar
 import grpc
 
 from peer.errors import StepEvicted, WireError
+from peer.transport.grpc.codec import CodecError, codec_for
 from peer.transport.grpc.framing import DEFAULT_CHECKSUM, checksum, chunk_count, iter_chunks
 from peer.transport.grpc.metrics import ExchangeMetrics
 from peer.transport.grpc.proto.decentlam.v1 import peer_pb2 as pb
@@ -56,6 +60,7 @@ from peer.transport.grpc.wire import (
     PeerInfo,
     StateHeader,
     VersionHeader,
+    chunk_payload_length,
     encode_chunk,
     header_to_pb,
     info_to_pb,
@@ -252,6 +257,11 @@ class PeerServicer:
                 f"{query.name!r} or not on an element boundary",
             )
             return
+        try:
+            wire_codec = codec_for(encoding.dtype, query.wire_codec)
+        except CodecError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"peer {peer.rank}: {exc}")
+            return
         chunk_bytes = self._chunk_bytes(query.max_chunk_bytes)
         chunk_bytes = max(item, chunk_bytes - chunk_bytes % item)  # whole elements per chunk
         header = VersionHeader(
@@ -269,17 +279,26 @@ class PeerServicer:
             checksum_kind=DEFAULT_CHECKSUM,
             live_neighbors=version.live_neighbors,
             wire_dtype=encoding.dtype,
+            wire_codec=wire_codec,
         )
         traced_start = peer.trace.now() if peer.trace is not None else 0.0
         yield header_to_pb(header)
-        chunks = encoding.encoded_chunks(offset, length, chunk_bytes)
-        async for message in peer.limiter.paced(chunks, priority=version.step):
-            yield message
-        peer.metrics.served(caller, length, header.chunk_count)
+        if wire_codec:
+            chunks: Any = encoding.coded_chunks(wire_codec, offset, length, chunk_bytes)
+            sent = 0
+            async for message in peer.limiter.paced(chunks, priority=version.step):
+                sent += chunk_payload_length(message)
+                yield message
+        else:
+            chunks = encoding.encoded_chunks(offset, length, chunk_bytes)
+            async for message in peer.limiter.paced(chunks, priority=version.step):
+                yield message
+            sent = length
+        peer.metrics.served(caller, sent, header.chunk_count)
         peer.metrics.handled("Fetch", time.perf_counter() - started)
         if peer.trace is not None:
             peer.trace.served(
-                caller, version.name, version.step, traced_start, peer.trace.now(), length
+                caller, version.name, version.step, traced_start, peer.trace.now(), sent
             )
 
     async def rpc_info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> Any:

@@ -25,13 +25,14 @@ import asyncio
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
 
 from peer.errors import WireError
 from peer.transport.base import GLOBAL_PREFIX, choose_step
+from peer.transport.grpc import codec
 from peer.transport.grpc.framing import DEFAULT_CHECKSUM, checksum, chunk_count
 from peer.transport.grpc.wire import (
     WIRE_DTYPES,
@@ -84,6 +85,7 @@ class Encoding:
     _checksum: asyncio.Future[int] | None = field(default=None, repr=False)
     _chunk_bytes: int = field(default=0, repr=False)
     _chunks: list[bytes | None] = field(default_factory=list, repr=False)
+    _coded: dict[str, _CodedGrid] = field(default_factory=dict, repr=False)
 
     @property
     def total_bytes(self) -> int:
@@ -106,7 +108,40 @@ class Encoding:
 
     def drop_chunks(self) -> None:
         """Forget the cached chunk messages (they are rebuilt on demand)."""
-        self._chunk_bytes, self._chunks = 0, []
+        self._chunk_bytes, self._chunks, self._coded = 0, [], {}
+
+    async def coded_chunks(
+        self, wire_codec: str, offset: int, length: int, chunk_bytes: int
+    ) -> AsyncIterator[bytes]:
+        """Chunk messages of payload bytes ``[offset, offset + length)`` in ``wire_codec``.
+
+        Every chunk covers ``chunk_bytes`` payload bytes (the last may be shorter) and is coded
+        in a worker thread, the next one while the current one is sent. Chunks on the whole
+        payload's grid are coded once per codec and chunk size and shared by every reader.
+        """
+        grid = self._coded.get(wire_codec)
+        if grid is None or grid.chunk_bytes != chunk_bytes:
+            grid = _CodedGrid(self.payload, self.element_bytes, chunk_bytes)
+            self._coded[wire_codec] = grid
+        end = offset + length
+        starts = range(offset, end, chunk_bytes)
+        pending = self._coded_chunk(grid, starts[0], end) if starts else None
+        for start in starts:
+            assert pending is not None
+            current = pending
+            following = start + chunk_bytes
+            pending = self._coded_chunk(grid, following, end) if following < end else None
+            yield await asyncio.shield(current)  # shared: one reader's cancel is not theirs
+
+    def _coded_chunk(self, grid: _CodedGrid, start: int, end: int) -> asyncio.Future[bytes]:
+        chunk_bytes = grid.chunk_bytes
+        stop = min(start + chunk_bytes, end)
+        index, aligned = divmod(start, chunk_bytes)
+        if not aligned and (stop - start == chunk_bytes or stop == self.total_bytes):
+            return grid.message(index)
+        return asyncio.ensure_future(
+            asyncio.to_thread(_coded_message, self.payload[start:stop], self.element_bytes)
+        )
 
     def encoded_chunks(self, offset: int, length: int, chunk_bytes: int) -> Iterator[bytes]:
         """Chunk messages of payload bytes ``[offset, offset + length)``, ``chunk_bytes`` each.
@@ -135,6 +170,30 @@ class Encoding:
             if message is None:
                 message = cache[index] = encode_chunk(self.payload[start:stop])
             yield message
+
+
+def _coded_message(payload: memoryview, itemsize: int) -> bytes:
+    return encode_chunk(memoryview(codec.encode(payload, itemsize)))
+
+
+class _CodedGrid:
+    """Coded chunk messages of a whole payload on one chunk grid, each coded once on demand."""
+
+    def __init__(self, payload: memoryview, itemsize: int, chunk_bytes: int) -> None:
+        self.payload, self.itemsize, self.chunk_bytes = payload, itemsize, chunk_bytes
+        self._messages: list[asyncio.Future[bytes] | None] = [None] * chunk_count(
+            len(payload), chunk_bytes
+        )
+
+    def message(self, index: int) -> asyncio.Future[bytes]:
+        """Chunk ``index``'s message, coded in a worker thread the first time it is asked."""
+        message = self._messages[index]
+        if message is None or (message.done() and message.exception() is not None):
+            start = index * self.chunk_bytes
+            piece = self.payload[start : start + self.chunk_bytes]
+            message = asyncio.ensure_future(asyncio.to_thread(_coded_message, piece, self.itemsize))
+            self._messages[index] = message
+        return message
 
 
 @dataclass(eq=False)

@@ -26,7 +26,7 @@ import heapq
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Iterable
 
 from asyncio_throttle import Throttler
 
@@ -185,22 +185,34 @@ class BandwidthLimiter:
             self._owed_bytes -= tokens * self._token_bytes
             await self._throttler.acquire(tokens, priority, stream, more)
 
-    async def paced(self, messages: Iterable[bytes], priority: float = 0.0) -> AsyncIterator[bytes]:
+    async def paced(
+        self, messages: Iterable[bytes] | AsyncIterable[bytes], priority: float = 0.0
+    ) -> AsyncIterator[bytes]:
         """The messages of one stream, each let through once the cap admits it.
 
         The stream keeps its turn between its messages (it says ``more`` while another follows),
         so a newer stream does not slip in between them; ``priority`` as in :meth:`acquire`.
-        Without a cap the messages pass straight through.
+        Without a cap the messages pass straight through. ``messages`` may be asynchronous
+        (chunks coded in a worker thread as the stream goes).
         """
+        iterator = _as_async(messages)
         if self._throttler is None:
-            for message in messages:
+            async for message in iterator:
                 yield message
             return
         stream = object()
-        iterator = iter(messages)
-        current: bytes | None = next(iterator, None)
+        current: bytes | None = await anext(iterator, None)
         while current is not None:
-            following = next(iterator, None)  # one ahead: is this the stream's last message?
+            following = await anext(iterator, None)  # one ahead: is this the stream's last?
             await self.acquire(len(current), priority, stream, more=following is not None)
             yield current
             current = following
+
+
+async def _as_async(messages: Iterable[bytes] | AsyncIterable[bytes]) -> AsyncIterator[bytes]:
+    if isinstance(messages, AsyncIterable):
+        async for message in messages:
+            yield message
+    else:
+        for message in messages:
+            yield message

@@ -35,6 +35,7 @@ import torch
 from google.protobuf.message import DecodeError
 
 from peer.errors import WireError
+from peer.transport.grpc.codec import CodecError, Coded, decode_into, parse
 from peer.transport.grpc.framing import (
     CRC32,
     CRC32C,
@@ -112,6 +113,12 @@ def encode_chunk(payload: memoryview) -> bytes:
     return b"".join((bytes((CHUNK_TAG,)), _varint(len(payload)), payload))
 
 
+def chunk_payload_length(message: bytes) -> int:
+    """Content bytes of a chunk message built by :func:`encode_chunk` (framing excluded)."""
+    chunk = _fast_chunk(message)
+    return len(message) if chunk is None else len(chunk)
+
+
 def serialize_message(message: object) -> bytes:
     """Response serializer: pre-encoded chunks pass through, protobuf messages serialize."""
     if isinstance(message, bytes):
@@ -153,6 +160,8 @@ class FetchQuery:
     range_length: int = 0
     # Element type the caller wants the payload in; "" = the vector's own dtype (version 1).
     wire_dtype: str = ""
+    # Lossless chunk codec the caller wants (peer.transport.grpc.codec); "" = raw chunks.
+    wire_codec: str = ""
 
 
 def query_to_pb(query: FetchQuery) -> pb.FetchRequest:
@@ -166,6 +175,7 @@ def query_to_pb(query: FetchQuery) -> pb.FetchRequest:
         range_offset=query.range_offset,
         range_length=query.range_length,
         wire_dtype=query.wire_dtype,
+        wire_codec=query.wire_codec,
     )
 
 
@@ -184,6 +194,7 @@ def query_from_pb(request: pb.FetchRequest) -> FetchQuery:
         range_offset=request.range_offset,
         range_length=request.range_length,
         wire_dtype=request.wire_dtype,
+        wire_codec=request.wire_codec,
     )
 
 
@@ -207,6 +218,8 @@ class VersionHeader:
     live_neighbors: tuple[int, ...] | None = None
     # Element type of the payload bytes; "" = ``dtype`` (no rounding on the wire).
     wire_dtype: str = ""
+    # Lossless codec of the chunk messages; "" = raw payload bytes.
+    wire_codec: str = ""
 
     @property
     def payload_dtype(self) -> str:
@@ -234,6 +247,7 @@ def header_to_pb(header: VersionHeader) -> pb.FetchResponse:
             live_view_sent=header.live_neighbors is not None,
             # Left empty without rounding, so version-1 receivers see a plain version-1 header.
             wire_dtype="" if header.payload_dtype == header.dtype else header.payload_dtype,
+            wire_codec=header.wire_codec,
         )
     )
 
@@ -283,6 +297,7 @@ def decode_fetch_response(data: bytes) -> VersionHeader | memoryview | Malformed
         checksum_kind=CHECKSUM_NAMES[h.checksum_kind],
         live_neighbors=tuple(h.live_neighbors) if h.live_view_sent else None,
         wire_dtype=h.wire_dtype,
+        wire_codec=h.wire_codec,
     )
 
 
@@ -303,6 +318,8 @@ class Expectation:
     wire_dtype: str = ""
     # Whether to checksum the received bytes (off where TLS already protects them).
     verify: bool = True
+    # Lossless chunk codec expected (codec.codec_for of the payload dtype); "" = raw chunks.
+    wire_codec: str = ""
 
     @property
     def payload_dtype(self) -> str:
@@ -329,7 +346,10 @@ class RangeAssembler:
     received_bytes: int = 0
     received_chunks: int = 0
     range_crc: int = 0
+    # Bytes of chunk content as they crossed the wire (after the codec; = received_bytes raw).
+    wire_bytes: int = 0
     payload_bytes: int = field(default=0, init=False)
+    _payload_itemsize: int = field(default=0, init=False, repr=False)
     _cursor: int = field(default=0, repr=False)
     _wire_itemsize: int = field(default=0, init=False, repr=False)
     _wide: torch.Tensor | None = field(default=None, init=False, repr=False)
@@ -337,6 +357,8 @@ class RangeAssembler:
 
     def __post_init__(self) -> None:
         e = self.expect
+        if e.wire_codec:
+            self._payload_itemsize = element_size(e.payload_dtype)
         if e.payload_dtype == e.dtype:
             self.payload_bytes = len(self.dest)
             return
@@ -374,24 +396,48 @@ class RangeAssembler:
             return
         if self.header is None:
             raise self._fail("chunk before the header")
-        size = len(message)
+        coded: Coded | None = None
+        if self.header.wire_codec:
+            try:
+                coded = parse(message, self._payload_itemsize)
+            except CodecError as exc:
+                raise self._fail(f"{self.header.wire_codec} chunk: {exc}") from None
+            size = coded.size
+        else:
+            size = len(message)
         if size == 0 or size > self.header.chunk_bytes:
             raise self._fail(f"chunk of {size} bytes (chunk size {self.header.chunk_bytes})")
         if self.received_bytes + size > self.expect.range_length:
             raise self._fail(f"oversized stream: more than {self.expect.range_length} bytes")
         if self._wide is None or self._wire_torch is None:
-            self.dest[self._cursor : self._cursor + size] = message
+            payload = self.dest[self._cursor : self._cursor + size]
+            if coded is None:
+                payload[:] = message
+            else:
+                self._decode(coded, payload)
         else:
             if size % self._wire_itemsize:
                 raise self._fail(f"chunk of {size} bytes splits a {self.expect.payload_dtype}")
+            payload = message
+            if coded is not None:
+                payload = memoryview(bytearray(size))
+                self._decode(coded, payload)
             first = self._cursor // self._wire_itemsize
-            narrow = torch.frombuffer(message, dtype=self._wire_torch)
+            narrow = torch.frombuffer(payload, dtype=self._wire_torch)
             self._wide[first : first + narrow.numel()].copy_(narrow)
         if self.expect.verify:
-            self.range_crc = checksum_extend(self.header.checksum_kind, self.range_crc, message)
+            self.range_crc = checksum_extend(self.header.checksum_kind, self.range_crc, payload)
+        self.wire_bytes += len(message)
         self._cursor += size
         self.received_bytes += size
         self.received_chunks += 1
+
+    def _decode(self, coded: Coded, out: memoryview) -> None:
+        assert self.header is not None  # feed() checked it
+        try:
+            decode_into(coded, out)
+        except CodecError as exc:
+            raise self._fail(f"{self.header.wire_codec} chunk: {exc}") from None
 
     def _check_header(self, h: VersionHeader) -> None:
         e = self.expect
@@ -408,6 +454,11 @@ class RangeAssembler:
             problems.append(
                 f"wire dtype {h.payload_dtype!r} (expected {e.payload_dtype!r}: "
                 "set the same exchange.wire_dtype on every peer)"
+            )
+        if h.wire_codec != e.wire_codec:
+            problems.append(
+                f"wire codec {h.wire_codec or 'none'!r} (expected {e.wire_codec or 'none'!r}: "
+                "the sender predates exchange.wire_codec; upgrade it or set wire_codec: none)"
             )
         if h.shape != e.shape:
             problems.append(f"shape {list(h.shape)} (expected {list(e.shape)})")

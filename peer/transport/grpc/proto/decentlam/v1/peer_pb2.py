@@ -24,37 +24,37 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x64\x65\x63\x65ntlam/v1/peer.proto\x12\x0c\x64\x65\x63\x65ntlam.v1\"\xaa\x01\n\x0c\x46\x65tchRequest\x12\x13\n\x0b\x63\x61ller_rank\x18\x01 \x01(\x05\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\x10\n\x08min_step\x18\x04 \x01(\x03\x12\x17\n\x0fmax_chunk_bytes\x18\x05 \x01(\r\x12\x14\n\x0crange_offset\x18\x06 \x01(\x04\x12\x14\n\x0crange_length\x18\x07 \x01(\x04\x12\x12\n\nwire_dtype\x18\x08 \x01(\t\"\xd0\x02\n\x0b\x46\x65tchHeader\x12\x13\n\x0bsender_rank\x18\x01 \x01(\x05\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\r\n\x05shape\x18\x05 \x03(\x03\x12\x13\n\x0btotal_bytes\x18\x06 \x01(\x04\x12\x31\n\rchecksum_kind\x18\x07 \x01(\x0e\x32\x1a.decentlam.v1.ChecksumKind\x12\x10\n\x08\x63hecksum\x18\x08 \x01(\r\x12\x14\n\x0crange_offset\x18\t \x01(\x04\x12\x14\n\x0crange_length\x18\n \x01(\x04\x12\x13\n\x0b\x63hunk_count\x18\x0b \x01(\r\x12\x13\n\x0b\x63hunk_bytes\x18\x0c \x01(\r\x12\x16\n\x0elive_neighbors\x18\r \x03(\x05\x12\x16\n\x0elive_view_sent\x18\x0e \x01(\x08\x12\x12\n\nwire_dtype\x18\x0f \x01(\t\"X\n\rFetchResponse\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.decentlam.v1.FetchHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\t\n\x07payload\"\"\n\x0bInfoRequest\x12\x13\n\x0b\x63\x61ller_rank\x18\x01 \x01(\x05\",\n\rRetainedSteps\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05steps\x18\x02 \x03(\x03\"\xc1\x01\n\x0cInfoResponse\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x14\n\x0c\x63urrent_step\x18\x02 \x01(\x03\x12\x17\n\x0fmanifest_digest\x18\x03 \x01(\t\x12\x18\n\x10software_version\x18\x04 \x01(\t\x12\x12\n\nworld_size\x18\x05 \x01(\x05\x12-\n\x08retained\x18\x06 \x03(\x0b\x32\x1b.decentlam.v1.RetainedSteps\x12\x17\n\x0fstate_available\x18\x07 \x01(\x08\"?\n\x0fGetStateRequest\x12\x13\n\x0b\x63\x61ller_rank\x18\x01 \x01(\x05\x12\x17\n\x0fmax_chunk_bytes\x18\x02 \x01(\r\"X\n\nStateEntry\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x0e\n\x06length\x18\x05 \x01(\x04\"\x86\x02\n\x0bStateHeader\x12\x13\n\x0bsender_rank\x18\x01 \x01(\x05\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12%\n\x04kind\x18\x03 \x01(\x0e\x32\x17.decentlam.v1.StateKind\x12)\n\x07\x65ntries\x18\x04 \x03(\x0b\x32\x18.decentlam.v1.StateEntry\x12\x13\n\x0btotal_bytes\x18\x05 \x01(\x04\x12\x31\n\rchecksum_kind\x18\x06 \x01(\x0e\x32\x1a.decentlam.v1.ChecksumKind\x12\x10\n\x08\x63hecksum\x18\x07 \x01(\r\x12\x13\n\x0b\x63hunk_count\x18\x08 \x01(\r\x12\x13\n\x0b\x63hunk_bytes\x18\t \x01(\r\"[\n\x10GetStateResponse\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.decentlam.v1.StateHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\t\n\x07payload*`\n\x0c\x43hecksumKind\x12\x1d\n\x19\x43HECKSUM_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13\x43HECKSUM_KIND_CRC32\x10\x01\x12\x18\n\x14\x43HECKSUM_KIND_CRC32C\x10\x02*T\n\tStateKind\x12\x1a\n\x16STATE_KIND_UNSPECIFIED\x10\x00\x12\x13\n\x0fSTATE_KIND_BLOB\x10\x01\x12\x16\n\x12STATE_KIND_TENSORS\x10\x02\x32\xd6\x01\n\x04Peer\x12\x42\n\x05\x46\x65tch\x12\x1a.decentlam.v1.FetchRequest\x1a\x1b.decentlam.v1.FetchResponse0\x01\x12=\n\x04Info\x12\x19.decentlam.v1.InfoRequest\x1a\x1a.decentlam.v1.InfoResponse\x12K\n\x08GetState\x12\x1d.decentlam.v1.GetStateRequest\x1a\x1e.decentlam.v1.GetStateResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x64\x65\x63\x65ntlam/v1/peer.proto\x12\x0c\x64\x65\x63\x65ntlam.v1\"\xbe\x01\n\x0c\x46\x65tchRequest\x12\x13\n\x0b\x63\x61ller_rank\x18\x01 \x01(\x05\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\x10\n\x08min_step\x18\x04 \x01(\x03\x12\x17\n\x0fmax_chunk_bytes\x18\x05 \x01(\r\x12\x14\n\x0crange_offset\x18\x06 \x01(\x04\x12\x14\n\x0crange_length\x18\x07 \x01(\x04\x12\x12\n\nwire_dtype\x18\x08 \x01(\t\x12\x12\n\nwire_codec\x18\t \x01(\t\"\xe4\x02\n\x0b\x46\x65tchHeader\x12\x13\n\x0bsender_rank\x18\x01 \x01(\x05\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\r\n\x05shape\x18\x05 \x03(\x03\x12\x13\n\x0btotal_bytes\x18\x06 \x01(\x04\x12\x31\n\rchecksum_kind\x18\x07 \x01(\x0e\x32\x1a.decentlam.v1.ChecksumKind\x12\x10\n\x08\x63hecksum\x18\x08 \x01(\r\x12\x14\n\x0crange_offset\x18\t \x01(\x04\x12\x14\n\x0crange_length\x18\n \x01(\x04\x12\x13\n\x0b\x63hunk_count\x18\x0b \x01(\r\x12\x13\n\x0b\x63hunk_bytes\x18\x0c \x01(\r\x12\x16\n\x0elive_neighbors\x18\r \x03(\x05\x12\x16\n\x0elive_view_sent\x18\x0e \x01(\x08\x12\x12\n\nwire_dtype\x18\x0f \x01(\t\x12\x12\n\nwire_codec\x18\x10 \x01(\t\"X\n\rFetchResponse\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.decentlam.v1.FetchHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\t\n\x07payload\"\"\n\x0bInfoRequest\x12\x13\n\x0b\x63\x61ller_rank\x18\x01 \x01(\x05\",\n\rRetainedSteps\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05steps\x18\x02 \x03(\x03\"\xc1\x01\n\x0cInfoResponse\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x14\n\x0c\x63urrent_step\x18\x02 \x01(\x03\x12\x17\n\x0fmanifest_digest\x18\x03 \x01(\t\x12\x18\n\x10software_version\x18\x04 \x01(\t\x12\x12\n\nworld_size\x18\x05 \x01(\x05\x12-\n\x08retained\x18\x06 \x03(\x0b\x32\x1b.decentlam.v1.RetainedSteps\x12\x17\n\x0fstate_available\x18\x07 \x01(\x08\"?\n\x0fGetStateRequest\x12\x13\n\x0b\x63\x61ller_rank\x18\x01 \x01(\x05\x12\x17\n\x0fmax_chunk_bytes\x18\x02 \x01(\r\"X\n\nStateEntry\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x0e\n\x06length\x18\x05 \x01(\x04\"\x86\x02\n\x0bStateHeader\x12\x13\n\x0bsender_rank\x18\x01 \x01(\x05\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12%\n\x04kind\x18\x03 \x01(\x0e\x32\x17.decentlam.v1.StateKind\x12)\n\x07\x65ntries\x18\x04 \x03(\x0b\x32\x18.decentlam.v1.StateEntry\x12\x13\n\x0btotal_bytes\x18\x05 \x01(\x04\x12\x31\n\rchecksum_kind\x18\x06 \x01(\x0e\x32\x1a.decentlam.v1.ChecksumKind\x12\x10\n\x08\x63hecksum\x18\x07 \x01(\r\x12\x13\n\x0b\x63hunk_count\x18\x08 \x01(\r\x12\x13\n\x0b\x63hunk_bytes\x18\t \x01(\r\"[\n\x10GetStateResponse\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.decentlam.v1.StateHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\t\n\x07payload*`\n\x0c\x43hecksumKind\x12\x1d\n\x19\x43HECKSUM_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13\x43HECKSUM_KIND_CRC32\x10\x01\x12\x18\n\x14\x43HECKSUM_KIND_CRC32C\x10\x02*T\n\tStateKind\x12\x1a\n\x16STATE_KIND_UNSPECIFIED\x10\x00\x12\x13\n\x0fSTATE_KIND_BLOB\x10\x01\x12\x16\n\x12STATE_KIND_TENSORS\x10\x02\x32\xd6\x01\n\x04Peer\x12\x42\n\x05\x46\x65tch\x12\x1a.decentlam.v1.FetchRequest\x1a\x1b.decentlam.v1.FetchResponse0\x01\x12=\n\x04Info\x12\x19.decentlam.v1.InfoRequest\x1a\x1a.decentlam.v1.InfoResponse\x12K\n\x08GetState\x12\x1d.decentlam.v1.GetStateRequest\x1a\x1e.decentlam.v1.GetStateResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'decentlam.v1.peer_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CHECKSUMKIND']._serialized_start=1434
-  _globals['_CHECKSUMKIND']._serialized_end=1530
-  _globals['_STATEKIND']._serialized_start=1532
-  _globals['_STATEKIND']._serialized_end=1616
+  _globals['_CHECKSUMKIND']._serialized_start=1474
+  _globals['_CHECKSUMKIND']._serialized_end=1570
+  _globals['_STATEKIND']._serialized_start=1572
+  _globals['_STATEKIND']._serialized_end=1656
   _globals['_FETCHREQUEST']._serialized_start=42
-  _globals['_FETCHREQUEST']._serialized_end=212
-  _globals['_FETCHHEADER']._serialized_start=215
-  _globals['_FETCHHEADER']._serialized_end=551
-  _globals['_FETCHRESPONSE']._serialized_start=553
-  _globals['_FETCHRESPONSE']._serialized_end=641
-  _globals['_INFOREQUEST']._serialized_start=643
-  _globals['_INFOREQUEST']._serialized_end=677
-  _globals['_RETAINEDSTEPS']._serialized_start=679
-  _globals['_RETAINEDSTEPS']._serialized_end=723
-  _globals['_INFORESPONSE']._serialized_start=726
-  _globals['_INFORESPONSE']._serialized_end=919
-  _globals['_GETSTATEREQUEST']._serialized_start=921
-  _globals['_GETSTATEREQUEST']._serialized_end=984
-  _globals['_STATEENTRY']._serialized_start=986
-  _globals['_STATEENTRY']._serialized_end=1074
-  _globals['_STATEHEADER']._serialized_start=1077
-  _globals['_STATEHEADER']._serialized_end=1339
-  _globals['_GETSTATERESPONSE']._serialized_start=1341
-  _globals['_GETSTATERESPONSE']._serialized_end=1432
-  _globals['_PEER']._serialized_start=1619
-  _globals['_PEER']._serialized_end=1833
+  _globals['_FETCHREQUEST']._serialized_end=232
+  _globals['_FETCHHEADER']._serialized_start=235
+  _globals['_FETCHHEADER']._serialized_end=591
+  _globals['_FETCHRESPONSE']._serialized_start=593
+  _globals['_FETCHRESPONSE']._serialized_end=681
+  _globals['_INFOREQUEST']._serialized_start=683
+  _globals['_INFOREQUEST']._serialized_end=717
+  _globals['_RETAINEDSTEPS']._serialized_start=719
+  _globals['_RETAINEDSTEPS']._serialized_end=763
+  _globals['_INFORESPONSE']._serialized_start=766
+  _globals['_INFORESPONSE']._serialized_end=959
+  _globals['_GETSTATEREQUEST']._serialized_start=961
+  _globals['_GETSTATEREQUEST']._serialized_end=1024
+  _globals['_STATEENTRY']._serialized_start=1026
+  _globals['_STATEENTRY']._serialized_end=1114
+  _globals['_STATEHEADER']._serialized_start=1117
+  _globals['_STATEHEADER']._serialized_end=1379
+  _globals['_GETSTATERESPONSE']._serialized_start=1381
+  _globals['_GETSTATERESPONSE']._serialized_end=1472
+  _globals['_PEER']._serialized_start=1659
+  _globals['_PEER']._serialized_end=1873
 # @@protoc_insertion_point(module_scope)

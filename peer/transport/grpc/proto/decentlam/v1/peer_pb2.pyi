@@ -26,7 +26,7 @@ STATE_KIND_BLOB: StateKind
 STATE_KIND_TENSORS: StateKind
 
 class FetchRequest(_message.Message):
-    __slots__ = ("caller_rank", "name", "step", "min_step", "max_chunk_bytes", "range_offset", "range_length", "wire_dtype")
+    __slots__ = ("caller_rank", "name", "step", "min_step", "max_chunk_bytes", "range_offset", "range_length", "wire_dtype", "wire_codec")
     CALLER_RANK_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -35,6 +35,7 @@ class FetchRequest(_message.Message):
     RANGE_OFFSET_FIELD_NUMBER: _ClassVar[int]
     RANGE_LENGTH_FIELD_NUMBER: _ClassVar[int]
     WIRE_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    WIRE_CODEC_FIELD_NUMBER: _ClassVar[int]
     caller_rank: int
     name: str
     step: int
@@ -43,10 +44,11 @@ class FetchRequest(_message.Message):
     range_offset: int
     range_length: int
     wire_dtype: str
-    def __init__(self, caller_rank: _Optional[int] = ..., name: _Optional[str] = ..., step: _Optional[int] = ..., min_step: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., range_offset: _Optional[int] = ..., range_length: _Optional[int] = ..., wire_dtype: _Optional[str] = ...) -> None: ...
+    wire_codec: str
+    def __init__(self, caller_rank: _Optional[int] = ..., name: _Optional[str] = ..., step: _Optional[int] = ..., min_step: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., range_offset: _Optional[int] = ..., range_length: _Optional[int] = ..., wire_dtype: _Optional[str] = ..., wire_codec: _Optional[str] = ...) -> None: ...
 
 class FetchHeader(_message.Message):
-    __slots__ = ("sender_rank", "step", "name", "dtype", "shape", "total_bytes", "checksum_kind", "checksum", "range_offset", "range_length", "chunk_count", "chunk_bytes", "live_neighbors", "live_view_sent", "wire_dtype")
+    __slots__ = ("sender_rank", "step", "name", "dtype", "shape", "total_bytes", "checksum_kind", "checksum", "range_offset", "range_length", "chunk_count", "chunk_bytes", "live_neighbors", "live_view_sent", "wire_dtype", "wire_codec")
     SENDER_RANK_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -62,6 +64,7 @@ class FetchHeader(_message.Message):
     LIVE_NEIGHBORS_FIELD_NUMBER: _ClassVar[int]
     LIVE_VIEW_SENT_FIELD_NUMBER: _ClassVar[int]
     WIRE_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    WIRE_CODEC_FIELD_NUMBER: _ClassVar[int]
     sender_rank: int
     step: int
     name: str
@@ -77,7 +80,8 @@ class FetchHeader(_message.Message):
     live_neighbors: _containers.RepeatedScalarFieldContainer[int]
     live_view_sent: bool
     wire_dtype: str
-    def __init__(self, sender_rank: _Optional[int] = ..., step: _Optional[int] = ..., name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., total_bytes: _Optional[int] = ..., checksum_kind: _Optional[_Union[ChecksumKind, str]] = ..., checksum: _Optional[int] = ..., range_offset: _Optional[int] = ..., range_length: _Optional[int] = ..., chunk_count: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., live_neighbors: _Optional[_Iterable[int]] = ..., live_view_sent: _Optional[bool] = ..., wire_dtype: _Optional[str] = ...) -> None: ...
+    wire_codec: str
+    def __init__(self, sender_rank: _Optional[int] = ..., step: _Optional[int] = ..., name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., total_bytes: _Optional[int] = ..., checksum_kind: _Optional[_Union[ChecksumKind, str]] = ..., checksum: _Optional[int] = ..., range_offset: _Optional[int] = ..., range_length: _Optional[int] = ..., chunk_count: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., live_neighbors: _Optional[_Iterable[int]] = ..., live_view_sent: _Optional[bool] = ..., wire_dtype: _Optional[str] = ..., wire_codec: _Optional[str] = ...) -> None: ...
 
 class FetchResponse(_message.Message):
     __slots__ = ("header", "chunk")
