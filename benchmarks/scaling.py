@@ -2,12 +2,12 @@
 
 One peer per namespace host (``tests/netns.py``), every host's link capped both ways with
 ``tc tbf`` (25 and 100 Mbit/s by default), n = 2, 4, 8. Methods: DecentLaM over gRPC on the
-one-peer exponential graph and on the ring, and PmSGD (gloo ring all-reduce); opt-in with
-``--methods``, asynchronous pipelined DecentLaM on the one-peer exponential graph and the same
-graph with a bfloat16 wire (``exchange.wire_dtype``), and both graphs with the lossless chunk codec
-(``exchange.wire_codec: top-byte-huffman``, rows "... lossless"). The model is the digits MLP with two wide
-hidden layers (``--hidden 512``: 300 k parameters, 1.2 MB in float32) so that compute per step
-is a few milliseconds and the links, not the CPU, set the pace.
+one-peer exponential graph (raw float32, and with the lossless chunk codec,
+``exchange.wire_codec: top-byte-huffman``) and on the ring, and PmSGD (gloo ring all-reduce);
+opt-in with ``--methods``: asynchronous pipelined DecentLaM on the one-peer exponential graph,
+that graph with a bfloat16 wire (``exchange.wire_dtype``), and the ring with the codec. The model
+is the digits MLP with two wide hidden layers (``--hidden 512``: 300 k parameters, 1.2 MB in
+float32) so that compute per step is a few milliseconds and the links, not the CPU, set the pace.
 
 Measured per run: the steady-state iteration time (median over peers of each peer's median
 step; the mean, which includes the first step's wait for the other peers, is in the JSON), and the
@@ -75,7 +75,12 @@ METHODS: dict[str, tuple[str, str, float, tuple[str, ...], dict[str, Any]]] = {
     "decentlam ring lossless": ("decentlam", "ring", 0.9, (), {"wire_codec": "top-byte-huffman"}),
 }  # fmt: skip
 #: The methods run when ``--methods`` is not given.
-DEFAULT_METHODS = ("decentlam one-peer-exp", "decentlam ring", "pmsgd all-reduce")
+DEFAULT_METHODS = (
+    "decentlam one-peer-exp",
+    "decentlam one-peer-exp lossless",
+    "decentlam ring",
+    "pmsgd all-reduce",
+)
 
 
 def interface_bytes(hosts: NetnsHosts, host: int) -> tuple[int, int]:

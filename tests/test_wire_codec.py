@@ -18,6 +18,7 @@ from peer.transport.base import weighted_sum
 from peer.transport.grpc import codec
 from peer.transport.grpc.communicator import ExchangeConfig, GrpcCommunicator
 from peer.transport.grpc.framing import DEFAULT_CHECKSUM, checksum
+from peer.transport.grpc.server import CODED_CHUNK_BYTES
 from peer.transport.grpc.store import VersionStore, snapshot
 from peer.transport.grpc.wire import (
     Expectation,
@@ -172,6 +173,10 @@ def test_grpc_round_trip_is_exact_and_counts_the_coded_bytes(
         "decentlam_exchange_sent_bytes_total", {"rank": "1", "neighbor": "0"}
     )
     assert got == sent and got is not None and got < 0.86 * 4 * x.numel()
+    chunks = a.metrics.registry.get_sample_value(
+        "decentlam_exchange_received_chunks_total", {"rank": "0", "neighbor": "1"}
+    )  # coded streams cut their chunks to CODED_CHUNK_BYTES whatever the reader allows
+    assert chunks == 2 * -(-5_000_000 // CODED_CHUNK_BYTES)
     # Non-floating vectors travel raw under the same setting.
     b.publish("i", torch.arange(9), 0)
     assert torch.equal(a.fetch(1, "i", 0, like=torch.arange(9), timeout=5)[1], torch.arange(9))

@@ -41,13 +41,13 @@ class ExchangeMetrics:
         )
         self.received_bytes = Counter(
             "decentlam_exchange_received_bytes",
-            "Payload bytes received from a neighbour.",
+            "Payload bytes received from a neighbour, as on the wire.",
             EDGE_LABELS,
             registry=registry,
         )
         self.sent_bytes = Counter(
             "decentlam_exchange_sent_bytes",
-            "Payload bytes served to a reader (neighbor = the reader).",
+            "Payload bytes served to a reader (neighbor = the reader), as on the wire.",
             EDGE_LABELS,
             registry=registry,
         )

@@ -93,6 +93,11 @@ MAX_STREAMS_PER_CALLER = 64
 # is silent for chunk / rate seconds: chunks are cut to this much of the cap (at least
 # MIN_CHUNK_BYTES) to keep that well under the readers' stall threshold (exchange.stall_seconds).
 CAPPED_CHUNK_SECONDS = 0.25
+# Coded streams (FetchRequest.wire_codec) cut chunks to at most this: the first leaves after
+# ~1 ms of coding instead of ~3 ms per MiB, and the rest is coded while it is sent. It matters
+# where peers share cores: 8 peers coding 1 MiB chunks at once on 2 cores delayed every first
+# chunk by ~13 ms (benchmarks/scaling.py, 100 Mbit/s).
+CODED_CHUNK_BYTES = 256 << 10
 
 T = TypeVar("T")
 
@@ -263,6 +268,8 @@ class PeerServicer:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"peer {peer.rank}: {exc}")
             return
         chunk_bytes = self._chunk_bytes(query.max_chunk_bytes)
+        if wire_codec:
+            chunk_bytes = min(chunk_bytes, CODED_CHUNK_BYTES)
         chunk_bytes = max(item, chunk_bytes - chunk_bytes % item)  # whole elements per chunk
         header = VersionHeader(
             sender_rank=peer.rank,

@@ -5,7 +5,9 @@ served to every neighbour from that snapshot. Each wire encoding of a version (:
 its own dtype, or a float32 vector rounded to bfloat16/float16 once per version) computes its
 checksum once and keeps the encoded chunk messages it has built, so every further reader of the
 newest version streams the same ``bytes`` objects (no per-request copy; older versions drop
-their chunks, which bounds the extra memory to one encoded copy per name). For a CUDA tensor
+their chunks, which bounds the extra memory to one encoded copy per name). Chunks in a lossless
+wire codec (:meth:`Encoding.coded_chunks`, :mod:`peer.transport.grpc.codec`) are cached the same
+way, each coded in a worker thread the first time a reader needs it. For a CUDA tensor
 the snapshot is ONE device-to-host copy per published version into a pinned buffer, issued on a
 side CUDA stream and fenced by an event; the CPU path is the same code with that copy skipped
 (the device clone is the host buffer).
@@ -188,7 +190,9 @@ class _CodedGrid:
     def message(self, index: int) -> asyncio.Future[bytes]:
         """Chunk ``index``'s message, coded in a worker thread the first time it is asked."""
         message = self._messages[index]
-        if message is None or (message.done() and message.exception() is not None):
+        if message is None or (
+            message.done() and (message.cancelled() or message.exception() is not None)
+        ):
             start = index * self.chunk_bytes
             piece = self.payload[start : start + self.chunk_bytes]
             message = asyncio.ensure_future(asyncio.to_thread(_coded_message, piece, self.itemsize))
