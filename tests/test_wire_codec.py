@@ -12,12 +12,14 @@ import zlib
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from peer.errors import WireError
 from peer.transport.base import weighted_sum
 from peer.transport.grpc import codec
 from peer.transport.grpc.communicator import ExchangeConfig, GrpcCommunicator
-from peer.transport.grpc.framing import DEFAULT_CHECKSUM, checksum
+from peer.transport.grpc.framing import DEFAULT_CHECKSUM, checksum, varint
 from peer.transport.grpc.server import CODED_CHUNK_BYTES
 from peer.transport.grpc.store import VersionStore, snapshot
 from peer.transport.grpc.wire import (
@@ -105,7 +107,7 @@ def test_a_plane_that_would_inflate_past_its_elements_stops_at_them() -> None:
     # A deflate "bomb" claiming a few elements: inflation is capped at one byte per element.
     packer = zlib.compressobj(9, zlib.DEFLATED, -15)
     bomb = packer.compress(b"\x00" * 10_000_000) + packer.flush()
-    coded = b"\x01" + bytes(codec._varint(len(bomb))) + bomb + b"\x00" * 3 * 4
+    coded = b"\x01" + varint(len(bomb)) + bomb + b"\x00" * 3 * 4
     parsed = codec.parse(coded, 4)
     with pytest.raises(codec.CodecError, match=r"inflates to 4\+ bytes"):
         codec.decode_into(parsed, memoryview(bytearray(parsed.size)))
@@ -265,3 +267,32 @@ def test_assembler_decodes_checks_and_names_bad_coded_chunks() -> None:
     big.feed(_header())
     with pytest.raises(WireError, match="chunk of 1024 bytes"):  # decoded size over chunk_bytes
         big.feed(memoryview(bytes(codec.encode(raw, 4))))
+
+
+@settings(max_examples=60, deadline=None)
+@given(payload=st.binary(max_size=600), itemsize=st.sampled_from([2, 4, 8]))
+def test_any_bytes_round_trip(payload: bytes, itemsize: int) -> None:
+    payload = payload[: len(payload) - len(payload) % itemsize]
+    assert _round_trip(payload, itemsize)[1] == payload
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    chunks=st.lists(
+        st.binary(max_size=64)
+        | st.builds(lambda n: bytes(codec.encode(b"\x3f" * 4 * n, 4)), st.integers(0, 200)),
+        max_size=6,
+    )
+)
+def test_random_coded_streams_never_crash_the_assembler(chunks: list[bytes]) -> None:
+    target, _ = _assembler()
+    target.feed(_header())
+    try:
+        for chunk in chunks:
+            target.feed(memoryview(chunk))
+        target.finish()
+    except WireError as exc:
+        assert exc.neighbor == 1
+    else:
+        assert target.received_bytes == 1024
+    assert len(target.dest) == 1024  # never written past its end

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
+from peer.transport.grpc.framing import read_varint, varint
+
 NONE = "none"
 TOP_BYTE_HUFFMAN = "top-byte-huffman"
 #: Values of ``exchange.wire_codec``.
@@ -32,7 +34,6 @@ WIRE_CODECS: tuple[str, ...] = (NONE, TOP_BYTE_HUFFMAN)
 
 DEFLATED = 1
 STORED = 0
-_MAX_VARINT_BYTES = 10
 _FLOATING = ("float64", "float32", "float16", "bfloat16")
 
 # torch.frombuffer warns that a read-only buffer (a received chunk) gives a writable tensor;
@@ -60,15 +61,6 @@ def codec_for(dtype: str, configured: str) -> str:
     return configured if dtype in _FLOATING else ""
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value >= 0x80:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
 def encode(payload: memoryview | bytes | bytearray, itemsize: int) -> bytearray:
     """The ``top-byte-huffman`` form of ``payload`` (whole elements of ``itemsize`` bytes)."""
     if itemsize < 2 or len(payload) % itemsize:
@@ -82,7 +74,7 @@ def encode(payload: memoryview | bytes | bytearray, itemsize: int) -> bytearray:
     packer = zlib.compressobj(1, zlib.DEFLATED, -15, 9, zlib.Z_HUFFMAN_ONLY)
     packed = packer.compress(top) + packer.flush()
     flag, plane = (DEFLATED, packed) if len(packed) < count else (STORED, top)
-    head = bytes((flag,)) + _varint(len(plane))
+    head = bytes((flag,)) + varint(len(plane))
     rest_at = len(head) + len(plane)
     out = bytearray(rest_at + count * (itemsize - 1))
     out[: len(head)] = head
@@ -122,16 +114,10 @@ def parse(data: memoryview | bytes, itemsize: int) -> Coded:
     flag = view[0]
     if flag not in (DEFLATED, STORED):
         raise CodecError(f"coded chunk with unknown flag {flag}")
-    length, shift, pos = 0, 0, 1
-    while True:
-        if pos >= len(view) or pos > _MAX_VARINT_BYTES:
-            raise CodecError("coded chunk with a truncated plane length")
-        byte = view[pos]
-        length |= (byte & 0x7F) << shift
-        pos += 1
-        if not byte & 0x80:
-            break
-        shift += 7
+    parsed = read_varint(view, 1)
+    if parsed is None:
+        raise CodecError("coded chunk with a truncated plane length")
+    length, pos = parsed
     if pos + length > len(view):
         raise CodecError(
             f"coded chunk truncated: top plane of {length} bytes, {len(view) - pos} left"

@@ -117,6 +117,33 @@ def _crc_combine(polynomial: int, crc1: int, crc2: int, length2: int) -> int:
     return (crc1 ^ crc2) & 0xFFFFFFFF
 
 
+MAX_VARINT_BYTES = 10
+
+
+def varint(value: int) -> bytes:
+    """Protobuf base-128 varint of a non-negative ``value``."""
+    out = bytearray()
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def read_varint(data: memoryview | bytes, pos: int) -> tuple[int, int] | None:
+    """``(value, position after it)`` of the varint at ``data[pos]``; None when truncated or
+    longer than :data:`MAX_VARINT_BYTES`."""
+    value, shift, end = 0, 0, min(len(data), pos + MAX_VARINT_BYTES)
+    while pos < end:
+        byte = data[pos]
+        value |= (byte & 0x7F) << shift
+        pos += 1
+        if not byte & 0x80:
+            return value, pos
+        shift += 7
+    return None
+
+
 def chunk_count(length: int, chunk_bytes: int) -> int:
     """Number of chunks of at most ``chunk_bytes`` covering ``length`` bytes."""
     return -(-length // chunk_bytes)

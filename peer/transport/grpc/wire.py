@@ -42,6 +42,8 @@ from peer.transport.grpc.framing import (
     checksum_combine,
     checksum_extend,
     chunk_count,
+    read_varint,
+    varint,
 )
 from peer.transport.grpc.proto.decentlam.v1 import peer_pb2 as pb
 
@@ -99,18 +101,9 @@ def parse_dtype(name: str) -> torch.dtype:
         raise WireError(f"unsupported dtype {name!r} on the wire") from None
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value >= 0x80:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
 def encode_chunk(payload: memoryview) -> bytes:
     """Serialized ``{chunk: payload}`` message, built straight from a buffer slice."""
-    return b"".join((bytes((CHUNK_TAG,)), _varint(len(payload)), payload))
+    return b"".join((bytes((CHUNK_TAG,)), varint(len(payload)), payload))
 
 
 def chunk_payload_length(message: bytes) -> int:
@@ -136,15 +129,10 @@ class Malformed:
 def _fast_chunk(data: bytes) -> memoryview | None:
     if len(data) < 2 or data[0] != CHUNK_TAG:
         return None
-    length, shift, pos = 0, 0, 1
-    while pos < len(data) and pos < 11:
-        byte = data[pos]
-        length |= (byte & 0x7F) << shift
-        pos += 1
-        if not byte & 0x80:
-            return memoryview(data)[pos:] if pos + length == len(data) else None
-        shift += 7
-    return None
+    parsed = read_varint(data, 1)
+    if parsed is None or parsed[0] + parsed[1] != len(data):
+        return None
+    return memoryview(data)[parsed[1] :]
 
 
 @dataclass(frozen=True)
