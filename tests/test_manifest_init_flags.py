@@ -40,3 +40,22 @@ def test_peer_bind_setting() -> None:
     data["peers"][0]["bind"] = "10.0.0.1:50051"
     with pytest.raises(ManifestError, match=r"peers\[0\]\.bind: .*no port"):
         parse_manifest(data)
+
+
+def test_init_exchange_settings_are_validated(tmp_path: Path, capsys) -> None:
+    path = tmp_path / "m.yaml"
+    code = main([
+        "manifest", "init", "-n", "2", "--graph", "ring", "--exchange",
+        "wire_codec=top-byte-huffman", "--exchange", "fetch-deadline-seconds=60", "-o", str(path),
+    ])  # fmt: skip
+    assert code == 0
+    exchange = load_manifest(path).exchange
+    assert (exchange.wire_codec, exchange.fetch_deadline_seconds) == ("top-byte-huffman", 60.0)
+    capsys.readouterr()
+    for flag, message in [
+        ("wire_codec=zstd", "exchange.wire_codec: 'zstd' is not one of none, top-byte-huffman"),
+        ("nonsense=1", "exchange.nonsense: unknown key"),
+        ("wire_codec", "--exchange: expected KEY=VALUE"),
+    ]:
+        assert main(["manifest", "init", "-n", "2", "--graph", "ring", "--exchange", flag]) == 2
+        assert message in capsys.readouterr().err

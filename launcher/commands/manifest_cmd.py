@@ -29,6 +29,7 @@ from topology.manifest import (
     init_manifest,
     load_manifest,
     manifest_json_schema,
+    parse_manifest,
 )
 
 logger = logging.getLogger(__name__)
@@ -89,6 +90,14 @@ def register(subparsers: Any) -> None:
         metavar="KEY=VALUE",
         help="task option (training.task_options; YAML values, e.g. hidden=256, alpha=null)",
     )
+    init.add_argument(
+        "--exchange",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="exchange setting (the manifest's exchange section; YAML values, e.g. "
+        "wire_codec=top-byte-huffman, fetch_deadline_seconds=60)",
+    )
     init.add_argument("--output", "-o", default="-", help="output file (default: stdout)")
     init.add_argument("--force", action="store_true", help="overwrite an existing output file")
     init.add_argument(
@@ -136,7 +145,7 @@ def run_init(args: argparse.Namespace) -> int:
         if getattr(args, name) is not None
     }
     if args.task_option:
-        overrides["task_options"] = parse_params(args.task_option)
+        overrides["task_options"] = parse_params(args.task_option, "--task-option")
     hosts = [h for h in args.hosts.split(",")] if args.hosts else None
     try:
         manifest = init_manifest(
@@ -155,6 +164,10 @@ def run_init(args: argparse.Namespace) -> int:
         raise
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    if args.exchange:
+        data = manifest.to_dict()
+        data["exchange"].update(parse_params(args.exchange, "--exchange"))
+        manifest = parse_manifest(data, check_files=False)  # ManifestError names the field
     output = None if args.output == "-" else Path(args.output)
     text = dump_manifest(manifest, schema_ref=_schema_ref(args.schema, output))
     if output is None:

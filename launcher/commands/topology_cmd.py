@@ -78,17 +78,20 @@ def _usage(parser: argparse.ArgumentParser) -> int:
     return 2
 
 
-def parse_params(items: list[str]) -> dict[str, Any]:
-    """Parse ``KEY=VALUE`` strings; values are YAML scalars or lists (``2``, ``0.5``, ``[..]``)."""
+def parse_params(items: list[str], flag: str = "--param") -> dict[str, Any]:
+    """Parse ``KEY=VALUE`` strings; values are YAML scalars or lists (``2``, ``0.5``, ``[..]``).
+
+    ``flag`` is the option they came from, named in the error of a malformed one.
+    """
     params: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise UsageError(f"--param: expected KEY=VALUE, got {item!r}")
+            raise UsageError(f"{flag}: expected KEY=VALUE, got {item!r}")
         try:
             params[key.strip().replace("-", "_")] = yaml.safe_load(value)
         except yaml.YAMLError:
-            raise UsageError(f"--param {key}: cannot parse value {value!r}") from None
+            raise UsageError(f"{flag} {key}: cannot parse value {value!r}") from None
     return params
 
 
