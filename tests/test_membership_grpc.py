@@ -112,6 +112,11 @@ def test_peer_far_behind_gets_fell_behind(grpc_peers: GrpcPeers) -> None:
     with pytest.raises(FellBehind, match="fell behind") as caught:
         a.neighbor_average("v", torch.zeros(2), 1)
     assert caught.value.neighbor in (1, 2)
+    # An evicted step is reported by the neighbour's oldest retained step, not the last step
+    # membership saw from it (stale: in a user trial it read "peer 0 is at step 99" to a peer at
+    # step 101).
+    assert "no longer retains it (its oldest retained step is 6)" in str(caught.value)
+    assert caught.value.step == 6
 
 
 @pytest.mark.timeout(60)

@@ -365,9 +365,16 @@ class GrpcCommunicator(Communicator):
             return
         status = self.membership.statuses().get(source)
         seen = status.known_step if status is not None else None
+        if ahead is None:  # it evicted our step: its last known step is stale, its oldest is not
+            oldest = getattr(failed[source], "oldest_step", None)
+            where = "no longer retains it" + (
+                f" (its oldest retained step is {oldest})" if oldest is not None else ""
+            )
+            seen = oldest if oldest is not None else seen
+        else:
+            where = f"is at step {seen if seen is not None else 'beyond its retained window'}"
         raise FellBehind(
-            f"peer {self.rank} at step {step} fell behind: peer {source} is at step "
-            f"{seen if seen is not None else 'beyond its retained window'}",
+            f"peer {self.rank} at step {step} fell behind: peer {source} {where}",
             neighbor=source,
             name=name,
             step=seen,
