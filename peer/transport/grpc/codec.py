@@ -61,27 +61,31 @@ def codec_for(dtype: str, configured: str) -> str:
     return configured if dtype in _FLOATING else ""
 
 
-def encode(payload: memoryview | bytes | bytearray, itemsize: int) -> bytearray:
-    """The ``top-byte-huffman`` form of ``payload`` (whole elements of ``itemsize`` bytes)."""
+def encode_parts(payload: memoryview | bytes | bytearray, itemsize: int) -> list[bytes | bytearray]:
+    """The ``top-byte-huffman`` form of ``payload`` (whole elements of ``itemsize`` bytes), as
+    consecutive pieces: joined once, by the caller, into the chunk message itself."""
     if itemsize < 2 or len(payload) % itemsize:
         raise ValueError(f"{len(payload)} bytes are not whole elements of {itemsize} bytes")
     count = len(payload) // itemsize
     if count == 0:
-        return bytearray((STORED, 0))
+        return [bytes((STORED, 0))]
     elements = torch.frombuffer(payload, dtype=torch.uint8).view(count, itemsize)
     top = bytearray(count)
     torch.frombuffer(top, dtype=torch.uint8).copy_(elements[:, -1])
     packer = zlib.compressobj(1, zlib.DEFLATED, -15, 9, zlib.Z_HUFFMAN_ONLY)
-    packed = packer.compress(top) + packer.flush()
-    flag, plane = (DEFLATED, packed) if len(packed) < count else (STORED, top)
-    head = bytes((flag,)) + varint(len(plane))
-    rest_at = len(head) + len(plane)
-    out = bytearray(rest_at + count * (itemsize - 1))
-    out[: len(head)] = head
-    out[len(head) : rest_at] = plane
-    rest = torch.frombuffer(out, dtype=torch.uint8, offset=rest_at).view(count, itemsize - 1)
-    rest.copy_(elements[:, :-1])
-    return out
+    plane: list[bytes | bytearray] = [packer.compress(top), packer.flush()]
+    flag = DEFLATED
+    if sum(len(piece) for piece in plane) >= count:
+        flag, plane = STORED, [top]
+    rest = bytearray(count * (itemsize - 1))
+    torch.frombuffer(rest, dtype=torch.uint8).view(count, itemsize - 1).copy_(elements[:, :-1])
+    head = bytes((flag,)) + varint(sum(len(piece) for piece in plane))
+    return [head, *plane, rest]
+
+
+def encode(payload: memoryview | bytes | bytearray, itemsize: int) -> bytes:
+    """The ``top-byte-huffman`` form of ``payload`` in one buffer (:func:`encode_parts` joined)."""
+    return b"".join(encode_parts(payload, itemsize))
 
 
 @dataclass(frozen=True)

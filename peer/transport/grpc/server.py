@@ -29,7 +29,7 @@ import re
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Coroutine, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Coroutine, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -290,17 +290,15 @@ class PeerServicer:
         )
         traced_start = peer.trace.now() if peer.trace is not None else 0.0
         yield header_to_pb(header)
-        if wire_codec:
-            chunks: Any = encoding.coded_chunks(wire_codec, offset, length, chunk_bytes)
-            sent = 0
-            async for message in peer.limiter.paced(chunks, priority=version.step):
-                sent += chunk_payload_length(message)
-                yield message
-        else:
-            chunks = encoding.encoded_chunks(offset, length, chunk_bytes)
-            async for message in peer.limiter.paced(chunks, priority=version.step):
-                yield message
-            sent = length
+        chunks: Iterable[bytes] | AsyncIterable[bytes] = (
+            encoding.coded_chunks(wire_codec, offset, length, chunk_bytes)
+            if wire_codec
+            else encoding.encoded_chunks(offset, length, chunk_bytes)
+        )
+        sent = 0  # payload bytes as they go out: `length` raw, less when coded
+        async for message in peer.limiter.paced(chunks, priority=version.step):
+            sent += chunk_payload_length(message)
+            yield message
         peer.metrics.served(caller, sent, header.chunk_count)
         peer.metrics.handled("Fetch", time.perf_counter() - started)
         if peer.trace is not None:

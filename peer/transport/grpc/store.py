@@ -135,11 +135,16 @@ class Encoding:
             pending = self._coded_chunk(grid, following, end) if following < end else None
             yield await asyncio.shield(current)  # shared: one reader's cancel is not theirs
 
-    def _coded_chunk(self, grid: _CodedGrid, start: int, end: int) -> asyncio.Future[bytes]:
-        chunk_bytes = grid.chunk_bytes
-        stop = min(start + chunk_bytes, end)
+    def _grid_index(self, start: int, stop: int, chunk_bytes: int) -> int | None:
+        """Index of ``[start, stop)`` on the whole payload's chunk grid; None when off it."""
         index, aligned = divmod(start, chunk_bytes)
-        if not aligned and (stop - start == chunk_bytes or stop == self.total_bytes):
+        whole = stop - start == chunk_bytes or stop == self.total_bytes
+        return index if not aligned and whole else None
+
+    def _coded_chunk(self, grid: _CodedGrid, start: int, end: int) -> asyncio.Future[bytes]:
+        stop = min(start + grid.chunk_bytes, end)
+        index = self._grid_index(start, stop, grid.chunk_bytes)
+        if index is not None:
             return grid.message(index)
         return asyncio.ensure_future(
             asyncio.to_thread(_coded_message, self.payload[start:stop], self.element_bytes)
@@ -163,9 +168,8 @@ class Encoding:
         end = offset + length
         for start in range(offset, end, chunk_bytes):
             stop = min(start + chunk_bytes, end)
-            index, aligned = divmod(start, chunk_bytes)
-            whole = stop - start == chunk_bytes or stop == self.total_bytes
-            if cache is None or aligned or not whole:
+            index = self._grid_index(start, stop, chunk_bytes)
+            if cache is None or index is None:
                 yield encode_chunk(self.payload[start:stop])
                 continue
             message = cache[index]
@@ -175,7 +179,7 @@ class Encoding:
 
 
 def _coded_message(payload: memoryview, itemsize: int) -> bytes:
-    return encode_chunk(memoryview(codec.encode(payload, itemsize)))
+    return encode_chunk(*codec.encode_parts(payload, itemsize))
 
 
 class _CodedGrid:

@@ -101,9 +101,11 @@ def parse_dtype(name: str) -> torch.dtype:
         raise WireError(f"unsupported dtype {name!r} on the wire") from None
 
 
-def encode_chunk(payload: memoryview) -> bytes:
-    """Serialized ``{chunk: payload}`` message, built straight from a buffer slice."""
-    return b"".join((bytes((CHUNK_TAG,)), varint(len(payload)), payload))
+def encode_chunk(*parts: memoryview | bytes | bytearray) -> bytes:
+    """Serialized ``{chunk: b"".join(parts)}`` message, built straight from buffer slices (one
+    copy of each part: a coded chunk's pieces go in without being joined first)."""
+    length = sum(len(part) for part in parts)
+    return b"".join((bytes((CHUNK_TAG,)), varint(length), *parts))
 
 
 def chunk_payload_length(message: bytes) -> int:
